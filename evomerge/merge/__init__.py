@@ -1,0 +1,1 @@
+"""evomerge.merge"""
