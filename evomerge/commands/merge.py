@@ -1,0 +1,33 @@
+"""`evomerge merge RECIPE.yaml OUT_DIR`: materialize a mergekit-format recipe into a Hugging Face folder."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge", help="merge models from a recipe YAML into a Hugging Face folder")
+    p.add_argument("recipe", help="mergekit-format recipe YAML")
+    p.add_argument("out_dir", help="output folder (written atomically)")
+    p.add_argument("--device", default="cpu", help="where to compute the merge (cpu, cuda, cuda:1)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="output dtype (default: recipe's)")
+    p.add_argument("--shard-size", default="5GB", help="maximum safetensors shard size, e.g. 2GB, 500MB")
+    p.add_argument("--no-tokenizer", action="store_true", help="do not copy the tokenizer")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow models with custom code")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from evomerge.export import materialize
+    from evomerge.recipe import Recipe
+
+    recipe = Recipe.load(args.recipe)
+    out = materialize(
+        recipe, args.out_dir, device=args.device, dtype=args.dtype, shard_size=args.shard_size,
+        copy_tokenizer=not args.no_tokenizer, overwrite=args.overwrite, progress=not args.quiet,
+        recipe_source=args.recipe, trust_remote_code=args.trust_remote_code,
+    )
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,195 @@
+"""The search-space YAML: what to merge, what evolves, how it is scored, the optimizer and the budget.
+
+Validated with pydantic; every error names the file, the dotted key and what is allowed.
+Model references may be paths relative to the YAML file, Hugging Face ids, or GGUF files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from evomerge.errors import ConfigError
+from evomerge.evaluate.spec import TaskSpec
+
+SEARCH_METHODS = ("ties", "dare_ties", "dare_linear", "task_arithmetic", "linear", "slerp", "della", "della_linear",
+                  "breadcrumbs", "breadcrumbs_ties")
+OPTIMIZERS = ("cmaes", "optuna-cmaes", "tpe", "nsga2", "random")
+
+
+class Evolved(BaseModel):
+    """A parameter the search evolves within [low, high]; `grid` snaps values (densities default to 0.001)."""
+
+    model_config = ConfigDict(extra="forbid")
+    range: tuple[float, float]
+    grid: float | None = Field(default=None, gt=0)
+    init: float | None = None  # starting value (default: centre of the range)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Evolved":
+        lo, hi = self.range
+        if not lo < hi:
+            raise ValueError(f"range must be [low, high] with low < high, got {list(self.range)}")
+        if self.init is not None and not lo <= self.init <= hi:
+            raise ValueError(f"init {self.init} is outside range {list(self.range)}")
+        return self
+
+
+ParamValue = Union[Evolved, float, bool]
+
+
+class ChatVector(BaseModel):
+    """θ_target + λ·(θ_chat − θ_base): the delta's base is not the model it is added to."""
+
+    model_config = ConfigDict(extra="forbid")
+    target: str
+    chat: str
+
+
+class StackingSpace(BaseModel):
+    """Layer stacking (data-flow space); see evomerge/merge/dfs.py."""
+
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["dfs", "dus"] = "dfs"
+    models: list[str] = Field(default_factory=list)  # source models whose layers may run (default: all)
+    target: str | None = None  # model giving embeddings, final norm, lm_head, tokenizer
+    repeats: int = Field(default=2, ge=1)
+    max_length: int | None = Field(default=None, ge=2)
+    scale_range: tuple[float, float] = (0.5, 1.5)
+    drop: int | None = Field(default=None, ge=1)  # DUS: fixed number of layers dropped (None: searched)
+    use_ps_result: bool = False  # PS+DFS: the first stacking source is the parameter-space merge result
+    ps_recipe: str | None = None  # PS+DFS: the recipe (path) of the parameter-space merge
+
+
+class OptimizerSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = "cmaes"
+    popsize: int | None = Field(default=None, ge=2)
+    sigma0: float = Field(default=1 / 6, gt=0, le=1)
+    restarts: int = Field(default=0, ge=0)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer '{v}' (allowed: {', '.join(OPTIMIZERS)})")
+        return v
+
+
+class Budget(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    trials: int = 100
+    seconds: float | None = None
+
+    @field_validator("trials")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"the trial budget must be at least 1, got {v}")
+        return v
+
+
+class HeldOut(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    top_k: int = Field(default=3, ge=1)
+    sources: bool = True  # also score every source model on the held-out split
+    baselines: bool = True  # uniform merges chosen on the search split
+
+
+class SearchSpace(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    models: dict[str, str]  # short name -> path / hub id / gguf
+    base_model: str | None = None
+    merge_method: str | None = "ties"
+    chat_vector: ChatVector | None = None
+    evolve_models: list[str] | None = None  # models whose per-model parameters evolve (default: all but base)
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    granularity: Literal["layer", "block", "model"] = "layer"
+    block_size: int = Field(default=1, ge=1)
+    split_attn_mlp: bool = False
+    embeddings: Literal["merge", "keep_target", "align"] = "merge"
+    stacking: StackingSpace | None = None
+    tasks: list[TaskSpec]
+    objectives: Literal["weighted", "vector"] = "weighted"
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    budget: Budget = Field(default_factory=Budget)
+    heldout: HeldOut = Field(default_factory=HeldOut)
+    seed: int = 0
+    device: str = "cpu"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    offload: Literal["auto", "never", "always"] = "auto"
+    run_dir: str | None = None  # default: runs/<name>
+    seed_recipes: list[str] = Field(default_factory=list)  # hand-written recipes to start the search from
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SearchSpace":
+        names = set(self.models)
+        for key, ref in (("base_model", self.base_model),):
+            if ref is not None and ref not in names:
+                raise ValueError(f"{key} '{ref}' is not one of models: {sorted(names)}")
+        if self.merge_method is not None and self.merge_method not in SEARCH_METHODS:
+            raise ValueError(f"unknown merge_method '{self.merge_method}' (allowed: {', '.join(SEARCH_METHODS)})")
+        if self.merge_method is None and self.stacking is None:
+            raise ValueError("give a merge_method (parameter space), a stacking section (data-flow space), or both")
+        for m in self.evolve_models or []:
+            if m not in names:
+                raise ValueError(f"evolve_models: '{m}' is not one of models: {sorted(names)}")
+        if self.chat_vector:
+            for role in ("target", "chat"):
+                if getattr(self.chat_vector, role) not in names:
+                    raise ValueError(f"chat_vector.{role} '{getattr(self.chat_vector, role)}' is not one of models")
+            if not self.base_model:
+                raise ValueError("chat_vector needs base_model (the model the chat delta is taken from)")
+        if self.objectives == "vector" and self.optimizer.name == "cmaes":
+            raise ValueError("several objectives need a multi-objective optimizer (optimizer.name: nsga2, tpe or random)")
+        if not self.tasks:
+            raise ValueError("at least one task is needed")
+        return self
+
+    def resolved_models(self, base_dir: Path) -> dict[str, str]:
+        """Model refs with paths made relative to the YAML file's folder (hub ids stay as they are)."""
+        out = {}
+        for name, ref in self.models.items():
+            p = Path(ref).expanduser()
+            if not p.is_absolute() and (base_dir / p).exists():
+                p = base_dir / p
+            out[name] = str(p.resolve()) if p.exists() else ref
+        return out
+
+
+def load_search_space(path: str | Path) -> tuple[SearchSpace, str]:
+    """Parse and validate a search-space file; returns the space and its text (snapshotted into the run)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("search-space file not found", file=str(path))
+    text = path.read_text()
+    return parse_search_space(text, source=str(path)), text
+
+
+def parse_search_space(text: str, *, source: str) -> SearchSpace:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"malformed YAML{line}: {getattr(exc, 'problem', exc)}", file=source) from None
+    if not isinstance(data, dict):
+        raise ConfigError("a search space must be a YAML mapping", file=source)
+    try:
+        return SearchSpace.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "union[", "list[", "tuple[")))
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        raise ConfigError(msg, file=source, key=key or None) from None
+
+
+def config_digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -1,0 +1,88 @@
+"""`TaskSpec`: one benchmark task as a search-space YAML's `tasks:` list holds it.
+
+Kinds (see evomerge/evaluate/README.md for the data formats):
+- ``kmmlu``: KMMLU layout (question, A, B, C, D, answer 1-4, Category), scored by log-likelihood of the letter.
+- ``mcq``: generic multiple choice with arbitrary choice texts (acc and length-normalized acc_norm).
+- ``generation``: greedy decoding, answer extraction and exact match.
+- ``lm_eval``: any lm-eval task (by name or local YAML) run on the in-memory model.
+- ``custom``: a user function ``module:function`` receiving (model, tokenizer).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+TaskKind = Literal["kmmlu", "mcq", "generation", "lm_eval", "custom"]
+
+DEFAULT_METRIC: dict[str, str] = {
+    "kmmlu": "acc",
+    "mcq": "acc",
+    "generation": "exact_match",
+    "lm_eval": "acc",
+    "custom": "score",
+}
+
+
+class TaskSpec(BaseModel):
+    """One task: where its data lives, which subset to score, and how it counts toward fitness."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    kind: TaskKind
+    # data: a local file (CSV or JSONL) or a Hugging Face data set (online users only)
+    path: str | None = None
+    dataset: str | None = None
+    subjects: list[str] | None = None
+    split: str = "test"
+    # subsets: totals and/or per-category stratification; disjoint search / held-out splits
+    n_search: int | None = Field(default=None, ge=1)
+    n_heldout: int | None = Field(default=None, ge=1)
+    per_category: int | None = Field(default=None, ge=1)
+    seed: int = 0
+    # fitness
+    weight: float = 1.0
+    metric: str | None = None
+    loss_tiebreak: float = Field(default=0.0, ge=0.0)
+    # prompting
+    num_fewshot: int = Field(default=0, ge=0)
+    fewshot_path: str | None = None
+    chat_template: bool = False
+    target_delimiter: str = " "
+    # generation
+    max_new_tokens: int = Field(default=32, ge=1)
+    stop: list[str] = Field(default_factory=list)
+    answer_regex: str | None = None
+    # lm-eval and custom
+    lm_eval_task: str | None = None
+    lm_eval_yaml: str | None = None
+    function: str | None = None
+
+    @model_validator(mode="after")
+    def _check_kind_fields(self) -> "TaskSpec":
+        if self.kind in ("kmmlu", "mcq", "generation"):
+            if not self.path and not self.dataset:
+                raise ValueError(f"task '{self.name}' (kind {self.kind}) needs `path` (local file) or `dataset` (HF id)")
+            if self.path and self.dataset:
+                raise ValueError(f"task '{self.name}': give either `path` or `dataset`, not both")
+            if self.num_fewshot and not self.fewshot_path and not self.dataset:
+                raise ValueError(f"task '{self.name}': num_fewshot={self.num_fewshot} needs `fewshot_path` (a dev split)")
+        if self.kind == "lm_eval" and not (self.lm_eval_task or self.lm_eval_yaml):
+            raise ValueError(f"task '{self.name}' (kind lm_eval) needs `lm_eval_task` (a name) or `lm_eval_yaml` (a file)")
+        if self.kind == "custom" and (not self.function or ":" not in self.function):
+            raise ValueError(f"task '{self.name}' (kind custom) needs `function: module:function`")
+        if self.answer_regex is not None:
+            import re
+
+            try:
+                re.compile(self.answer_regex)
+            except re.error as exc:
+                raise ValueError(f"task '{self.name}': answer_regex is not a valid regex: {exc}") from exc
+        return self
+
+    @property
+    def objective_metric(self) -> str:
+        """The metric this task contributes to fitness."""
+        return self.metric or DEFAULT_METRIC[self.kind]

@@ -1,0 +1,284 @@
+"""Prepared tasks: each is built (data read, split chosen, prompts tokenized) once, then `score(model)` many times.
+
+`score` returns (metrics, per_item): metrics maps metric name -> value (always the task's objective metric,
+plus ``loss`` = mean negative answer log-likelihood when it is available), per_item maps item id -> details.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from evomerge.errors import ConfigError, DataError
+from evomerge.evaluate import prompts
+from evomerge.evaluate.data import GenItem, MCQItem, load_items, resolve_path
+from evomerge.evaluate.generate import GenPlan, extract_answer, normalize_answer, normalize_number
+from evomerge.evaluate.loglik import LoglikPlan, encode_pair
+from evomerge.evaluate.spec import TaskSpec
+from evomerge.evaluate.splits import make_splits
+
+
+def _source(spec: TaskSpec) -> str:
+    return spec.path or f"{spec.dataset}:{spec.split}" or spec.name
+
+
+def _pad_id(tokenizer) -> int:
+    for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if t is not None:
+            return int(t)
+    return 0
+
+
+def _max_length(model_max: int | None) -> int | None:
+    return model_max if model_max and model_max < 10**7 else None
+
+
+class PreparedTask:
+    spec: TaskSpec
+    ids: list[str]
+
+    def score(self, model) -> tuple[dict[str, float], dict[str, Any]]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def select_items(spec: TaskSpec, items: list, split: str, source: str) -> list:
+    parts = make_splits(items, seed=spec.seed, n_search=spec.n_search, n_heldout=spec.n_heldout,
+                        per_category=spec.per_category, source=source)
+    chosen = parts[split]
+    if not chosen:
+        raise DataError(f"the '{split}' split of task '{spec.name}' is empty "
+                        f"({len(items)} items; n_search={spec.n_search}, n_heldout={spec.n_heldout}, "
+                        f"per_category={spec.per_category})", file=source,
+                        key="n_heldout" if split == "heldout" else "n_search",
+                        allowed="set n_heldout (or per_category) to hold items out" if split == "heldout" else None)
+    return chosen
+
+
+def _contexts(spec: TaskSpec, items: list, tokenizer, base_dir) -> tuple[list[str], str]:
+    """The full context string of each item (few-shot block, prompt, optional chat template) and the delimiter."""
+    pool: list = []
+    if spec.num_fewshot:
+        if spec.fewshot_path:
+            pool = load_items(spec.kind, path=spec.fewshot_path, base_dir=base_dir)
+        else:
+            pool = load_items(spec.kind, dataset=spec.dataset, subjects=spec.subjects, split="dev")
+        if len(pool) < spec.num_fewshot:
+            raise DataError(f"num_fewshot={spec.num_fewshot} but the few-shot file has {len(pool)} items",
+                            file=spec.fewshot_path or spec.dataset, key="num_fewshot")
+    delim = spec.target_delimiter if spec.kind != "generation" else ""
+    ctxs = []
+    for it in items:
+        text = prompts.fewshot_prefix(spec.kind, prompts.pick_shots(it, pool, spec.num_fewshot), delim)
+        text += prompts.item_prompt(spec.kind, it)
+        if spec.chat_template:
+            text = prompts.apply_chat(tokenizer, text)
+        ctxs.append(text)
+    # lm-eval drops the delimiter under a chat template (the assistant turn is already open)
+    return ctxs, ("" if spec.chat_template else delim)
+
+
+class MCQTask(PreparedTask):
+    """KMMLU / generic multiple choice by log-likelihood: acc, acc_norm (per character), loss."""
+
+    def __init__(self, spec: TaskSpec, items: list[MCQItem], tokenizer, *, device, batch_tokens: int, base_dir=None,
+                 max_length: int | None = None):
+        self.spec, self.items = spec, items
+        self.ids = [it.id for it in items]
+        ctxs, delim = _contexts(spec, items, tokenizer, base_dir)
+        groups = []
+        for ctx, it in zip(ctxs, items):
+            enc = [encode_pair(tokenizer, ctx, delim + c) for c in it.choices]
+            groups.append((enc[0][0], [e[1] for e in enc]))
+        self.plan = LoglikPlan(groups, pad_id=_pad_id(tokenizer), device=device, batch_tokens=batch_tokens,
+                               max_length=max_length, source=_source(spec))
+        n_c = [len(it.choices) for it in items]
+        c_max = max(n_c)
+        # [N, Cmax] gather index into the flat answer vector (padding points at a dummy -inf slot)
+        flat = np.full((len(items), c_max), self.plan.n_answers, dtype=np.int64)
+        lens = np.ones((len(items), c_max))
+        k = 0
+        for i, it in enumerate(items):
+            flat[i, : n_c[i]] = np.arange(k, k + n_c[i])
+            lens[i, : n_c[i]] = [float(len(c)) for c in it.choices]
+            k += n_c[i]
+        self._flat = torch.from_numpy(flat)
+        self._lens = torch.from_numpy(lens)
+        self._gold = torch.tensor([it.answer for it in items])
+
+    def score(self, model):
+        lls = self.plan.run(model)
+        padded = torch.cat([lls, torch.tensor([-float("inf")], dtype=lls.dtype)])[self._flat]  # [N, Cmax]
+        pred = padded.argmax(-1)
+        pred_norm = (padded / self._lens).argmax(-1)
+        gold_ll = padded.gather(1, self._gold[:, None]).squeeze(1)
+        metrics = {
+            "acc": float((pred == self._gold).double().mean()),
+            "acc_norm": float((pred_norm == self._gold).double().mean()),
+            "loss": float(-gold_ll.mean()),
+        }
+        per_item = {
+            it.id: {"loglik": padded[i, : len(it.choices)].tolist(), "pred": int(pred[i]), "gold": it.answer}
+            for i, it in enumerate(self.items)
+        }
+        return metrics, per_item
+
+
+class GenerationTask(PreparedTask):
+    """Greedy generation + answer extraction + normalized exact match (and answer log-loss for tie-breaks)."""
+
+    def __init__(self, spec: TaskSpec, items: list[GenItem], tokenizer, *, device, batch_tokens: int, base_dir=None,
+                 max_length: int | None = None):
+        self.spec, self.items, self.tokenizer = spec, items, tokenizer
+        self.ids = [it.id for it in items]
+        ctxs, _ = _contexts(spec, items, tokenizer, base_dir)
+        prompt_ids = [tokenizer(c)["input_ids"] for c in ctxs]
+        self.plan = GenPlan(prompt_ids, tokenizer, max_new_tokens=spec.max_new_tokens, stop=spec.stop, device=device,
+                            batch_tokens=batch_tokens)
+        self.numeric = [normalize_number(it.answer) is not None for it in items]
+        self.gold = [normalize_answer(it.answer) for it in items]
+        self.loss_plan = None
+        if spec.loss_tiebreak > 0:  # teacher-forced answer (+ EOS) log-loss, mean per token
+            eos = tokenizer.eos_token_id
+            groups = []
+            for c, it in zip(ctxs, items):
+                ctx, cont = encode_pair(tokenizer, c, it.answer)
+                groups.append((ctx, [cont + ([eos] if eos is not None else [])]))
+            self.n_tok = torch.tensor([len(g[1][0]) for g in groups], dtype=torch.float64)
+            self.loss_plan = LoglikPlan(groups, pad_id=_pad_id(tokenizer), device=device, batch_tokens=batch_tokens,
+                                        max_length=max_length, source=_source(spec))
+
+    def score(self, model):
+        outputs = self.plan.run(model)
+        preds = [normalize_answer(extract_answer(o, regex=self.spec.answer_regex, numeric=num))
+                 for o, num in zip(outputs, self.numeric)]
+        correct = [p == g for p, g in zip(preds, self.gold)]
+        metrics = {"exact_match": float(np.mean(correct))}
+        if self.loss_plan is not None:
+            metrics["loss"] = float((-self.loss_plan.run(model) / self.n_tok).mean())
+        per_item = {it.id: {"output": o, "pred": p, "gold": g, "correct": c}
+                    for it, o, p, g, c in zip(self.items, outputs, preds, self.gold, correct)}
+        return metrics, per_item
+
+
+class LmEvalTask(PreparedTask):
+    """Any lm-eval task, run on the in-memory model through lm-eval's HFLM, with lm-eval's own metrics."""
+
+    def __init__(self, spec: TaskSpec, tokenizer, *, split: str, base_dir=None, batch_size: int = 16):
+        from lm_eval.tasks import TaskManager, get_task_dict
+
+        self.spec, self.tokenizer, self.batch_size = spec, tokenizer, batch_size
+        include = None
+        name = spec.lm_eval_task
+        where = spec.lm_eval_yaml or "lm_eval_task"
+        if spec.lm_eval_yaml:
+            yml = resolve_path(spec.lm_eval_yaml, base_dir)
+            if not yml.is_file():
+                raise ConfigError("lm-eval task YAML not found", file=str(yml), key="lm_eval_yaml")
+            include = str(yml.parent)
+            if name is None:
+                import yaml
+
+                name = (yaml.safe_load(yml.read_text(encoding="utf-8")) or {}).get("task")
+                if not name:
+                    raise ConfigError("the YAML has no `task:` name", file=str(yml), key="task")
+        self.tm = TaskManager(include_path=include) if include else TaskManager()
+        if name not in self.tm.all_tasks:
+            close = [t for t in self.tm.all_tasks if name.split("_")[0] in t][:5]
+            raise ConfigError(f"unknown lm-eval task '{name}'", file=where, key="lm_eval_task",
+                              allowed=("e.g. " + ", ".join(close)) if close else "a name from `lm-eval ls tasks` or a local YAML")
+        self.name = name
+        try:
+            task = get_task_dict([name], self.tm)[name]
+            n_docs = len(list(task.eval_docs))
+        except Exception as exc:
+            raise DataError(f"lm-eval could not load the data of task '{name}': {type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}", file=where, key="lm_eval_task") from exc
+        pseudo = [GenItem(str(i), "", "", "all") for i in range(n_docs)]
+        chosen = select_items(spec, pseudo, split, where)
+        self.ids = [it.id for it in chosen]
+        self.indices = sorted(int(i) for i in self.ids)
+
+    def score(self, model):
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+
+        lm = HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=self.batch_size)
+        out = lm_eval.simple_evaluate(model=lm, tasks=[self.name], task_manager=self.tm,
+                                      samples={self.name: self.indices}, log_samples=False, bootstrap_iters=0,
+                                      num_fewshot=self.spec.num_fewshot or None,
+                                      apply_chat_template=self.spec.chat_template, verbosity="ERROR")
+        res = out["results"][self.name]
+        metrics = {}
+        for key, v in res.items():
+            if "," in key and "stderr" not in key and isinstance(v, (int, float)):
+                metric, filt = key.split(",", 1)
+                metrics[metric if filt == "none" or metric not in metrics else f"{metric},{filt}"] = float(v)
+        return metrics, {}
+
+
+def import_function(ref: str, base_dir=None):
+    """'package.module:function' or 'path/to/file.py:function' -> the callable; ConfigError when absent."""
+    mod_name, _, fn_name = ref.rpartition(":")
+    try:
+        if mod_name.endswith(".py"):
+            path = resolve_path(mod_name, base_dir)
+            spec = importlib.util.spec_from_file_location(path.stem, path)
+            if spec is None or not path.is_file():
+                raise ModuleNotFoundError(str(path))
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            if base_dir is not None and str(base_dir) not in sys.path:
+                sys.path.insert(0, str(base_dir))
+            module = importlib.import_module(mod_name)
+        fn = getattr(module, fn_name)
+    except (ImportError, AttributeError, FileNotFoundError) as exc:
+        raise ConfigError(f"cannot import '{ref}': {exc}", key="function", allowed="'module:function' or 'file.py:function'") from exc
+    if not callable(fn):
+        raise ConfigError(f"'{ref}' is not callable", key="function")
+    return fn
+
+
+class CustomTask(PreparedTask):
+    """A user function fn(model, tokenizer) -> float | dict[str, float]."""
+
+    def __init__(self, spec: TaskSpec, tokenizer, *, base_dir=None):
+        self.spec, self.tokenizer = spec, tokenizer
+        self.fn = import_function(spec.function, base_dir)
+        self.ids = []
+
+    def score(self, model):
+        value = self.fn(model, self.tokenizer)
+        if isinstance(value, dict):
+            metrics = {k: float(v) for k, v in value.items()}
+        else:
+            try:
+                metrics = {"score": float(value)}
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"'{self.spec.function}' returned {type(value).__name__}, not a number or dict",
+                                  key="function") from exc
+        if self.spec.objective_metric not in metrics:
+            raise ConfigError(f"'{self.spec.function}' returned no '{self.spec.objective_metric}'",
+                              key="metric", allowed=", ".join(metrics))
+        return metrics, {}
+
+
+def prepare_task(spec: TaskSpec, tokenizer, *, split: str, device="cpu", batch_tokens: int = 16384, base_dir=None,
+                 max_length: int | None = None) -> PreparedTask:
+    """Read, split and tokenize one task."""
+    if spec.kind in ("kmmlu", "mcq", "generation"):
+        items = load_items(spec.kind, path=spec.path, dataset=spec.dataset, subjects=spec.subjects, split=spec.split,
+                           base_dir=base_dir)
+        chosen = select_items(spec, items, split, _source(spec))
+        cls = GenerationTask if spec.kind == "generation" else MCQTask
+        return cls(spec, chosen, tokenizer, device=device, batch_tokens=batch_tokens, base_dir=base_dir,
+                   max_length=max_length)
+    if spec.kind == "lm_eval":
+        return LmEvalTask(spec, tokenizer, split=split, base_dir=base_dir)
+    return CustomTask(spec, tokenizer, base_dir=base_dir)

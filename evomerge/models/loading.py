@@ -1,0 +1,542 @@
+"""A uniform, lazy view of a model's weights, whatever it was saved as.
+
+Merging reads one tensor at a time (safetensors `safe_open`), so a model never has to fit in memory
+as a whole; only GGUF and legacy `.bin` files, which cannot be read that way, are held in memory.
+Every failure a user can cause is raised as `ModelLoadError` naming the ref or path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from abc import ABC, abstractmethod
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evomerge.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "tokenizer*", "*.model", "*.tiktoken",
+                "merges.txt", "vocab.txt"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class WeightSource(ABC):
+    """One model's tensors by name, read lazily; plus its config, tokenizer and generation config."""
+
+    kind: str = "?"
+
+    def __init__(self, ref: str, path: Path, *, trust_remote_code: bool = False):
+        self.ref = ref
+        self.path = path
+        self.trust_remote_code = trust_remote_code
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.ref!r})"
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._index
+
+    @property
+    @abstractmethod
+    def _index(self) -> dict[str, Any]:
+        """name -> whatever the subclass needs to find the tensor."""
+
+    @property
+    @abstractmethod
+    def config(self):
+        """The transformers `PretrainedConfig`."""
+
+    def keys(self) -> list[str]:
+        return list(self._index)
+
+    @abstractmethod
+    def shape(self, name: str) -> torch.Size: ...
+
+    @abstractmethod
+    def dtype(self, name: str) -> torch.dtype: ...
+
+    @abstractmethod
+    def _read(self, name: str) -> torch.Tensor:
+        """The stored tensor, on the CPU, a tensor the caller may modify."""
+
+    def get(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
+        """One tensor, cast and moved; KeyError if the model has no such tensor."""
+        if name not in self._index:
+            raise KeyError(f"{self.ref}: no tensor '{name}'")
+        t = self._read(name)
+        device = torch.device(device)
+        if device.type != "cpu":
+            t = t.to(device, non_blocking=True)  # cast on the device: faster than on the host
+        return t if dtype is None else t.to(dtype)
+
+    @abstractmethod
+    def tokenizer(self):
+        """The model's tokenizer, or None when the model comes without one."""
+
+    @property
+    def tokenizer_files_dir(self) -> Path | None:
+        """A folder whose tokenizer files can be copied next to a merged model, or None."""
+        return None
+
+    @property
+    def generation_config(self):
+        return None
+
+    def num_layers(self) -> int:
+        return int(getattr(self.config, "num_hidden_layers", 0) or 0)
+
+
+# --------------------------------------------------------------------------- HF folders
+
+class FolderSource(WeightSource):
+    """An ordinary Hugging Face folder: config.json plus safetensors (single or sharded) or pytorch_model.bin."""
+
+    def __init__(self, ref: str, path: Path, *, trust_remote_code: bool = False):
+        super().__init__(ref, path, trust_remote_code=trust_remote_code)
+        self._config = _load_config(path, ref, trust_remote_code)
+        self._tok = None
+        self._tok_loaded = False
+
+    @property
+    def config(self):
+        return self._config
+
+    def tokenizer(self):
+        if not self._tok_loaded:
+            self._tok = _load_tokenizer(self.path, self.ref, self.trust_remote_code) if self.tokenizer_files_dir else None
+            self._tok_loaded = True
+        return self._tok
+
+    @property
+    def tokenizer_files_dir(self) -> Path | None:
+        return self.path if any((self.path / f).is_file() for f in TOKENIZER_FILES) else None
+
+    @cached_property
+    def generation_config(self):
+        if not (self.path / "generation_config.json").is_file():
+            return None
+        from transformers import GenerationConfig
+
+        try:
+            return GenerationConfig.from_pretrained(self.path)
+        except Exception as exc:  # a broken generation config should not stop a merge
+            log.warning("%s: ignoring unreadable generation_config.json (%s)", self.ref, exc)
+            return None
+
+
+class SafetensorsSource(FolderSource):
+    kind = "safetensors"
+
+    def __init__(self, ref: str, path: Path, files: list[Path], *, trust_remote_code: bool = False,
+                 weight_map: dict[str, str] | None = None):
+        super().__init__(ref, path, trust_remote_code=trust_remote_code)
+        from safetensors import safe_open
+
+        self._handles = {}
+        self._meta: dict[str, tuple[str, torch.Size, torch.dtype]] = {}
+        for f in files:
+            try:
+                h = safe_open(str(f), framework="pt", device="cpu")
+                names = list(h.keys())
+                for n in names:
+                    sl = h.get_slice(n)
+                    dt = SAFETENSORS_DTYPES.get(sl.get_dtype())
+                    if dt is None:
+                        raise ModelLoadError(f"{f}: tensor '{n}' has unsupported dtype {sl.get_dtype()}")
+                    if n in self._meta and self._meta[n][0] != f.name:
+                        raise ModelLoadError(f"{path}: tensor '{n}' is stored twice ({self._meta[n][0]}, {f.name})")
+                    self._meta[n] = (f.name, torch.Size(sl.get_shape()), dt)
+            except ModelLoadError:
+                raise
+            except Exception as exc:
+                raise ModelLoadError(f"{f}: not a readable safetensors file ({_short(exc)})") from None
+            self._handles[f.name] = h
+        if weight_map:
+            missing = sorted(n for n in weight_map if n not in self._meta)
+            if missing:
+                raise ModelLoadError(f"{path}: the shard index lists {len(missing)} tensor(s) not found in the "
+                                     f"shards, e.g. '{missing[0]}'")
+        if not self._meta:
+            raise ModelLoadError(f"{path}: the safetensors files hold no tensors")
+
+    @property
+    def _index(self):
+        return self._meta
+
+    def shape(self, name: str) -> torch.Size:
+        return self._meta[name][1]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._meta[name][2]
+
+    def _read(self, name: str) -> torch.Tensor:
+        try:
+            return self._handles[self._meta[name][0]].get_tensor(name)
+        except Exception as exc:
+            raise ModelLoadError(f"{self.path / self._meta[name][0]}: cannot read tensor '{name}' "
+                                 f"({_short(exc)})") from None
+
+
+class InMemorySource(FolderSource):
+    """Tensors already in memory (legacy `.bin` checkpoints)."""
+
+    kind = "pytorch_bin"
+
+    def __init__(self, ref: str, path: Path, state_dict: dict[str, torch.Tensor], *, trust_remote_code: bool = False):
+        super().__init__(ref, path, trust_remote_code=trust_remote_code)
+        self._sd = state_dict
+
+    @property
+    def _index(self):
+        return self._sd
+
+    def shape(self, name: str) -> torch.Size:
+        return self._sd[name].shape
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._sd[name].dtype
+
+    def _read(self, name: str) -> torch.Tensor:
+        return self._sd[name].clone()
+
+
+def _bin_state_dict(path: Path, files: list[Path]) -> dict[str, torch.Tensor]:
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            part = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:
+            raise ModelLoadError(f"{f}: cannot be read as plain tensors with torch.load(weights_only=True) "
+                                 f"({_short(exc)}); convert it to safetensors") from None
+        if not isinstance(part, dict) or not all(isinstance(v, torch.Tensor) for v in part.values()):
+            raise ModelLoadError(f"{f}: is not a state dict of tensors")
+        sd.update(part)
+    if not sd:
+        raise ModelLoadError(f"{path}: the .bin checkpoint holds no tensors")
+    return sd
+
+
+# --------------------------------------------------------------------------- GGUF
+
+class GGUFSource(WeightSource):
+    """A GGUF file, dequantized by transformers on first tensor access (the state dict then lives in memory).
+
+    Names, shapes and the config are known without dequantizing: they come from the config and a model
+    built on the meta device.
+    """
+
+    kind = "gguf"
+
+    def __init__(self, ref: str, path: Path, *, trust_remote_code: bool = False):
+        super().__init__(ref, path, trust_remote_code=trust_remote_code)
+        from transformers import AutoConfig
+
+        try:
+            self._config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        except Exception as exc:
+            raise ModelLoadError(f"{path}: cannot read the GGUF file ({_short(exc)})") from None
+        self._sd: dict[str, torch.Tensor] | None = None
+        self._tok = None
+
+    @property
+    def config(self):
+        return self._config
+
+    @cached_property
+    def _meta(self) -> dict[str, tuple[torch.Size, torch.dtype]]:
+        from transformers import AutoModelForCausalLM
+
+        try:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(self._config, dtype=torch.float32)
+        except Exception as exc:
+            raise ModelLoadError(f"{self.path}: transformers cannot build a '{self._config.model_type}' "
+                                 f"model ({_short(exc)})") from None
+        return {n: (t.shape, torch.float32) for n, t in _unique_state(model).items()}
+
+    @property
+    def _index(self):
+        return self._meta
+
+    def shape(self, name: str) -> torch.Size:
+        return self._meta[name][0]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._meta[name][1]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The dequantized float32 tensors (loaded once, kept)."""
+        if self._sd is None:
+            from transformers import AutoModelForCausalLM, GgufConfig
+
+            try:
+                model = AutoModelForCausalLM.from_pretrained(
+                    str(self.path.parent), gguf_file=self.path.name, config=self._config, dtype=torch.float32,
+                    quantization_config=GgufConfig(dequantize=True),
+                )
+            except Exception as exc:
+                raise ModelLoadError(f"{self.path}: transformers cannot load the GGUF weights ({_short(exc)})") from None
+            sd = {n: t.detach() for n, t in _unique_state(model).items()}
+            if set(sd) != set(self._meta):
+                log.warning("%s: loaded tensor names differ from the config's model; using the loaded ones", self.ref)
+                self.__dict__["_meta"] = {n: (t.shape, t.dtype) for n, t in sd.items()}
+            self._sd = sd
+        return self._sd
+
+    def _read(self, name: str) -> torch.Tensor:
+        return self.state_dict()[name].clone()
+
+    def tokenizer(self):
+        if self._tok is None:
+            from transformers import AutoTokenizer
+
+            try:
+                self._tok = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+            except Exception as exc:
+                raise ModelLoadError(f"{self.path}: cannot build the tokenizer from the GGUF file ({_short(exc)})") from None
+        return self._tok
+
+
+def _unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """state_dict without tied duplicates (as save_pretrained writes it: a tied lm_head is left out)."""
+    seen: set[int] = set()
+    out = {}
+    for n, t in model.state_dict(keep_vars=True).items():
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        out[n] = t
+    return out
+
+
+# --------------------------------------------------------------------------- resolving a ref
+
+def open_model(ref: str, *, trust_remote_code: bool = False, revision: str | None = None) -> WeightSource:
+    """Open a local HF folder, a GGUF file (or a folder holding exactly one), or a hub id (downloaded when online)."""
+    ref = str(ref)
+    path = Path(ref).expanduser()
+    if not path.exists():
+        if _looks_like_hub_id(ref):
+            path = _snapshot(ref, revision, trust_remote_code)
+        else:
+            raise ModelLoadError(f"model path '{ref}' does not exist")
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix == ".gguf":
+            return GGUFSource(ref, path, trust_remote_code=trust_remote_code)
+        if suffix in (".safetensors", ".bin", ".json"):
+            path = path.parent  # a file of an HF folder: open the folder
+        else:
+            raise ModelLoadError(f"'{ref}' is not a supported model file",
+                                 allowed="a Hugging Face folder, a .gguf file, a hub id")
+    return _open_folder(ref, path, trust_remote_code)
+
+
+def _open_folder(ref: str, path: Path, trust_remote_code: bool) -> WeightSource:
+    st_index = path / "model.safetensors.index.json"
+    if st_index.is_file():
+        weight_map = _read_index(st_index)
+        files = _shard_files(path, st_index, weight_map)
+        return SafetensorsSource(ref, path, files, trust_remote_code=trust_remote_code, weight_map=weight_map)
+    if (path / "model.safetensors").is_file():
+        return SafetensorsSource(ref, path, [path / "model.safetensors"], trust_remote_code=trust_remote_code)
+    if (path / "adapter_config.json").is_file():
+        raise ModelLoadError(f"'{ref}' is a LoRA/PEFT adapter, not a full model; merge it into its base model first")
+    others = sorted(p for p in path.glob("*.safetensors"))
+    if others:
+        return SafetensorsSource(ref, path, others, trust_remote_code=trust_remote_code)
+    bin_index = path / "pytorch_model.bin.index.json"
+    if bin_index.is_file():
+        weight_map = _read_index(bin_index)
+        files = _shard_files(path, bin_index, weight_map)
+        return InMemorySource(ref, path, _bin_state_dict(path, files), trust_remote_code=trust_remote_code)
+    if (path / "pytorch_model.bin").is_file():
+        return InMemorySource(ref, path, _bin_state_dict(path, [path / "pytorch_model.bin"]),
+                              trust_remote_code=trust_remote_code)
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return GGUFSource(ref, ggufs[0], trust_remote_code=trust_remote_code)
+    if len(ggufs) > 1:
+        raise ModelLoadError(f"'{ref}' holds {len(ggufs)} .gguf files; name one of them",
+                             allowed=", ".join(p.name for p in ggufs))
+    raise ModelLoadError(f"'{ref}' holds no model weights",
+                         allowed="model.safetensors, model.safetensors.index.json + shards, pytorch_model.bin, "
+                                 "one .gguf file")
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        assert isinstance(weight_map, dict)
+        return weight_map
+    except Exception:
+        raise ModelLoadError(f"{index}: not a valid shard index (needs a 'weight_map' object)") from None
+
+
+def _shard_files(path: Path, index: Path, weight_map: dict[str, str]) -> list[Path]:
+    files = [path / f for f in sorted(set(weight_map.values()))]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise ModelLoadError(f"{index}: shard file(s) missing: {', '.join(missing)}")
+    return files
+
+
+def _looks_like_hub_id(ref: str) -> bool:
+    return bool(_HUB_ID.match(ref)) and not ref.startswith((".", "~")) and \
+        not ref.lower().endswith((".gguf", ".safetensors", ".bin", ".json"))
+
+
+def _snapshot(repo_id: str, revision: str | None, trust_remote_code: bool) -> Path:
+    """Download (or find in the HF cache) the safetensors, config and tokenizer files of a hub model."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = HUB_PATTERNS + (["*.py"] if trust_remote_code else [])
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except Exception as exc:
+        raise ModelLoadError(f"'{repo_id}' is not a local path, and the Hugging Face hub could not be reached "
+                             f"for it ({_short(exc)}); give a local folder or .gguf file instead, or go online") from None
+
+
+def _load_config(path: Path, ref: str, trust_remote_code: bool):
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ModelLoadError(f"'{ref}' has no config.json")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except Exception as exc:
+        raise ModelLoadError(f"{cfg_file}: not valid JSON ({_short(exc)})") from None
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = raw.get("model_type")
+    if not trust_remote_code and model_type not in CONFIG_MAPPING:
+        if raw.get("auto_map"):
+            raise ModelLoadError(f"'{ref}' needs its own Python code (model_type '{model_type}', auto_map in "
+                                 "config.json); pass trust_remote_code=True (--trust-remote-code) if you trust it")
+        raise ModelLoadError(f"{cfg_file}: model_type '{model_type}' is unknown to this transformers version")
+    try:
+        return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise ModelLoadError(f"{cfg_file}: transformers cannot read it ({_short(exc)})") from None
+
+
+def _load_tokenizer(path: Path, ref: str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise ModelLoadError(f"'{ref}': cannot load its tokenizer ({_short(exc)})") from None
+
+
+def _short(exc: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------- evaluation models
+
+def load_causal_lm(ref: "str | WeightSource", *, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                   trust_remote_code: bool = False):
+    """(model, tokenizer) ready for evaluation: eval mode, `dtype`, on `device`, its own copy of the weights."""
+    from transformers import AutoModelForCausalLM
+
+    src = ref if isinstance(ref, WeightSource) else open_model(ref, trust_remote_code=trust_remote_code)
+    trust = trust_remote_code or src.trust_remote_code
+    try:
+        if isinstance(src, SafetensorsSource):
+            model = AutoModelForCausalLM.from_pretrained(str(src.path), dtype=dtype, trust_remote_code=trust)
+        else:  # GGUF / legacy .bin: build from the tensors already read (never unpickle arbitrary objects)
+            model = AutoModelForCausalLM.from_config(src.config, dtype=dtype, trust_remote_code=trust)
+            state = {n: src.get(n, dtype=dtype) for n in src.keys()}
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            model.tie_weights()
+            missing = [m for m in missing if not _is_tied(model, m)]
+            if missing or unexpected:
+                raise ModelLoadError(f"'{src.ref}': weights do not fit the config "
+                                     f"(missing {missing[:3]}, unexpected {list(unexpected)[:3]})")
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"'{src.ref}': transformers cannot load it as a causal LM ({_short(exc)})") from None
+    try:
+        model = model.to(device)
+    except Exception as exc:
+        raise ModelLoadError(f"'{src.ref}': cannot move it to {device} ({_short(exc)})") from None
+    return model.eval(), src.tokenizer()
+
+
+def _is_tied(model: torch.nn.Module, name: str) -> bool:
+    """A missing key that is the same tensor as another parameter (tied embeddings) is not missing."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    t = params.get(name)
+    return t is not None and sum(1 for p in params.values() if p is t) > 1
+
+
+# --------------------------------------------------------------------------- compatibility
+
+def check_mergeable(sources: dict[str, WeightSource], *, same_layers: bool = False,
+                    allow_vocab_mismatch: bool = True) -> None:
+    """Raise ModelLoadError, naming both models, when the models cannot be merged tensor by tensor.
+
+    A difference in the vocabulary dimension of embeddings / lm_head alone is the vocab-mismatch case
+    (handled by `evomerge.models.vocab`): it passes unless `allow_vocab_mismatch` is False.
+    """
+    from evomerge.models.layout import ModelLayout, ParamKind
+
+    items = list(sources.items())
+    if len(items) < 2:
+        return
+    ref_name, ref_src = items[0]
+    ref_cfg = ref_src.config
+    ref_layout = ModelLayout.from_source(ref_src)
+    for name, src in items[1:]:
+        cfg = src.config
+        pair = f"'{ref_name}' and '{name}'"
+        a_type, b_type = getattr(ref_cfg, "model_type", None), getattr(cfg, "model_type", None)
+        a_arch, b_arch = getattr(ref_cfg, "architectures", None), getattr(cfg, "architectures", None)
+        if a_type != b_type or (a_arch and b_arch and list(a_arch) != list(b_arch)):
+            raise ModelLoadError(f"{pair} have different architectures ({a_type} {a_arch or ''} vs "
+                                 f"{b_type} {b_arch or ''})".replace(" )", ")"))
+        a_h, b_h = _hidden(ref_cfg), _hidden(cfg)
+        if a_h != b_h:
+            raise ModelLoadError(f"{pair} have different hidden sizes ({a_h} vs {b_h})")
+        layout = ModelLayout.from_source(src)
+        if same_layers and ref_layout.num_layers != layout.num_layers:
+            raise ModelLoadError(f"{pair} have different layer counts ({ref_layout.num_layers} vs "
+                                 f"{layout.num_layers}); use slices with layer ranges to merge them")
+        shared = [n for n in ref_src.keys() if n in src]
+        for n in shared:
+            sa, sb = ref_src.shape(n), src.shape(n)
+            if sa == sb:
+                continue
+            kind = ref_layout.kind_of(n)
+            if kind in (ParamKind.EMBED, ParamKind.LM_HEAD) and len(sa) == len(sb) and sa[1:] == sb[1:]:
+                if not allow_vocab_mismatch:
+                    raise ModelLoadError(f"{pair} have different vocabularies ('{n}': {sa[0]} vs {sb[0]} rows); "
+                                         "choose an embedding policy", allowed="keep_target, align")
+                log.info("%s: vocabulary sizes differ on %s (%d vs %d rows)", pair, n, sa[0], sb[0])
+                continue
+            raise ModelLoadError(f"{pair} differ in the shape of '{n}' ({tuple(sa)} vs {tuple(sb)})")
+
+
+def _hidden(cfg) -> int | None:
+    for key in ("hidden_size", "n_embd", "d_model"):
+        v = getattr(cfg, key, None)
+        if v is not None:
+            return int(v)
+    text = getattr(cfg, "text_config", None)
+    return _hidden(text) if text is not None else None

@@ -1,0 +1,236 @@
+"""Recipe: one merge, in mergekit's YAML shape (so `mergekit-yaml recipe.yaml out` accepts what we write).
+
+Parameter settings follow mergekit: a scalar, a gradient list (interpolated over a slice's layers), or a
+list of `{filter, value}` conditions where the first filter found in the tensor name wins. evomerge's own
+options (DARE seed, embedding policy for different vocabularies) live under the `evomerge:` key, which
+mergekit ignores.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from evomerge.errors import ConfigError
+
+Scalar = Union[bool, int, float, str]
+ScalarOrGradient = Union[Scalar, list[Scalar]]
+
+
+class Conditional(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    value: ScalarOrGradient
+    filter: str | None = None
+
+
+ParameterSetting = Union[Conditional, list[Conditional], ScalarOrGradient]
+Parameters = dict[str, ParameterSetting]
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    parameters: Parameters | None = None
+
+
+class SliceSource(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    layer_range: tuple[int, int]
+    parameters: Parameters | None = None
+
+    @field_validator("layer_range")
+    @classmethod
+    def _ordered(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if v[0] < 0 or v[1] <= v[0]:
+            raise ValueError(f"layer_range must be [start, end) with 0 <= start < end, got {list(v)}")
+        return v
+
+
+class OutputSlice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sources: list[SliceSource]
+    base_model: str | None = None
+    parameters: Parameters | None = None
+
+    @model_validator(mode="after")
+    def _same_length(self) -> "OutputSlice":
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in self.sources}
+        if len(lengths) > 1:
+            raise ValueError("all sources of a slice must span the same number of layers")
+        if not self.sources:
+            raise ValueError("a slice needs at least one source")
+        return self
+
+
+class EvomergeOptions(BaseModel):
+    """evomerge's extensions; mergekit ignores this key."""
+
+    model_config = ConfigDict(extra="forbid")
+    seed: int | None = Field(default=None, description="seeds DARE/DELLA masks per tensor so a recipe reproduces")
+    embeddings: Literal["merge", "keep_target", "align"] = Field(
+        default="merge",
+        description="embed_tokens/lm_head: merge as usual (vocabularies must match), keep the target's rows, "
+        "or align rows by token string into the target's vocabulary",
+    )
+    target_model: str | None = Field(
+        default=None, description="model whose config, tokenizer and (kept) embeddings the output takes"
+    )
+
+
+class Recipe(BaseModel):
+    """A mergekit merge configuration (the subset evomerge reads and writes) plus evomerge options."""
+
+    model_config = ConfigDict(extra="forbid")
+    merge_method: str
+    base_model: str | None = None
+    models: list[ModelEntry] | None = None
+    slices: list[OutputSlice] | None = None
+    parameters: Parameters | None = None
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    chat_template: str | None = None
+    evomerge: EvomergeOptions | None = None
+
+    @model_validator(mode="after")
+    def _models_or_slices(self) -> "Recipe":
+        if bool(self.models) == bool(self.slices):
+            raise ValueError("exactly one of 'models' or 'slices' must be given")
+        return self
+
+    @field_validator("dtype", "out_dtype")
+    @classmethod
+    def _dtype(cls, v: str | None) -> str | None:
+        if v is not None and v not in DTYPES:
+            raise ValueError(f"unknown dtype '{v}' (allowed: {', '.join(DTYPES)})")
+        return v
+
+    # -- convenience -----------------------------------------------------------------------------
+    @property
+    def options(self) -> EvomergeOptions:
+        return self.evomerge or EvomergeOptions()
+
+    def referenced_models(self) -> list[str]:
+        """Every model the recipe reads, base first, in first-mention order."""
+        refs: list[str] = []
+        if self.base_model:
+            refs.append(self.base_model)
+        for m in self.models or []:
+            refs.append(m.model)
+        for s in self.slices or []:
+            if s.base_model:
+                refs.append(s.base_model)
+            refs.extend(src.model for src in s.sources)
+        if self.evomerge and self.evomerge.target_model:
+            refs.append(self.evomerge.target_model)
+        return list(dict.fromkeys(refs))
+
+    def target_model(self) -> str:
+        """The model whose architecture config and tokenizer the output uses."""
+        if self.evomerge and self.evomerge.target_model:
+            return self.evomerge.target_model
+        if self.tokenizer_source and self.tokenizer_source not in ("base", "union"):
+            return self.tokenizer_source
+        if self.base_model:
+            return self.base_model
+        if self.models:
+            return self.models[0].model
+        return self.slices[0].sources[0].model  # type: ignore[index]
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+    def to_yaml(self) -> str:
+        return yaml.dump(self.to_dict(), Dumper=_RecipeDumper, sort_keys=False, allow_unicode=True)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(self.to_yaml())
+        return path
+
+    @classmethod
+    def from_dict(cls, data: Any, *, source: str = "<recipe>") -> "Recipe":
+        if not isinstance(data, dict):
+            raise ConfigError("a recipe must be a YAML mapping", file=source)
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise _config_error(exc, source) from None
+
+    @classmethod
+    def from_yaml(cls, text: str, *, source: str = "<recipe>") -> "Recipe":
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            where = getattr(exc, "problem_mark", None)
+            line = f" at line {where.line + 1}" if where is not None else ""
+            raise ConfigError(f"malformed YAML{line}: {getattr(exc, 'problem', exc)}", file=source) from None
+        return cls.from_dict(data, source=source)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Recipe":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError("recipe file not found", file=str(path))
+        return cls.from_yaml(path.read_text(), source=str(path))
+
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _config_error(exc: ValidationError, source: str) -> ConfigError:
+    """Turn pydantic's report into one line: file, dotted key, what is wrong."""
+    err = exc.errors()[0]
+    key = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-after", "union[", "list[", "tuple[")))
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    return ConfigError(msg, file=source, key=key or None)
+
+
+class _RecipeDumper(yaml.SafeDumper):
+    """Numeric lists (gradients, layer ranges) in flow style, like mergekit writes them."""
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.SequenceNode:
+    flow = all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_RecipeDumper.add_representer(list, _represent_list)
+_RecipeDumper.add_representer(tuple, _represent_list)
+
+
+def evaluate_setting(tensor_name: str, setting: Any, t: float) -> Any:
+    """Resolve a parameter setting for one tensor at gradient position t, as mergekit does.
+
+    Numeric lists interpolate linearly at t*(n-1); non-numeric lists pick element int(t*(n-1));
+    condition lists return the first whose filter is None, '*' or a substring of the tensor name.
+    """
+    if isinstance(setting, Conditional):
+        setting = [setting]
+    if isinstance(setting, (bool, int, float, str)):
+        return setting
+    if isinstance(setting, list):
+        if not setting:
+            return None
+        if all(isinstance(e, (bool, int, float, str)) for e in setting):
+            numeric = all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting)
+            if not numeric:
+                return setting[int(t * (len(setting) - 1))]
+            scaled = t * (len(setting) - 1)
+            i0 = int(scaled)
+            i1 = min(len(setting) - 1, i0 + 1)
+            frac = scaled - i0
+            return (1 - frac) * setting[i0] + frac * setting[i1]
+        for cond in setting:
+            if not isinstance(cond, Conditional):
+                cond = Conditional.model_validate(cond)
+            if cond.filter is None or cond.filter == "*" or (tensor_name and cond.filter in tensor_name):
+                return evaluate_setting(tensor_name, cond.value, t)
+        return None
+    raise ConfigError(f"unexpected parameter setting {setting!r}")

@@ -1,0 +1,248 @@
+"""Genome <-> recipe: a vector in the unit box [0,1]^d maps to a mergekit recipe with per-layer lists.
+
+Genes are laid out parameter by parameter, model by model, layer group by layer group, and (with
+`split_attn_mlp`) attention before MLP. Gene g maps to low + g*(high-low), snapped to the parameter's
+grid (densities default to steps of 0.001 so the fast TIES path can precompute thresholds). With the
+attention/MLP split, tensors that are neither (layer norms, embeddings, lm_head) take the mean of the two.
+`encode` is the inverse map, so a hand-written recipe can seed the search.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from evomerge.config import Evolved, SearchSpace
+from evomerge.errors import ConfigError
+from evomerge.merge.registry import METHODS
+from evomerge.recipe import Conditional, EvomergeOptions, ModelEntry, Recipe, evaluate_setting
+
+DEFAULT_GRIDS = {"density": 0.001}
+COMPONENT_FILTERS = {"attn": "self_attn", "mlp": "mlp"}
+
+
+@dataclass(frozen=True)
+class Gene:
+    param: str
+    model: str | None  # None: a shared (global) parameter
+    group: int
+    component: str  # all | attn | mlp
+    low: float
+    high: float
+    grid: float | None
+
+    @property
+    def label(self) -> str:
+        who = self.model or "*"
+        return f"{self.param}/{who}/{self.component}"
+
+    def value(self, g: float) -> float:
+        v = self.low + float(np.clip(g, 0.0, 1.0)) * (self.high - self.low)
+        if self.grid:
+            v = round(round(v / self.grid) * self.grid, 10)
+            v = min(max(v, self.low), self.high)
+        return round(v, 6)
+
+    def gene(self, v: float) -> float:
+        return float(np.clip((v - self.low) / (self.high - self.low), 0.0, 1.0))
+
+
+class ParameterSpace:
+    """The parameter-space (PS) part of a search space, for models with `num_layers` layers."""
+
+    def __init__(self, space: SearchSpace, model_refs: dict[str, str], num_layers: int, *, source: str = "<space>"):
+        self.space = space
+        self.refs = model_refs
+        self.num_layers = num_layers
+        self.source = source
+        self.method = "task_arithmetic" if space.chat_vector else space.merge_method
+        if self.method is None:
+            self.genes: list[Gene] = []
+            return
+        self.spec = METHODS[self.method]
+        self._check_parameters()
+        self.members = self._members()
+        self.groups = self._groups()
+        self.genes = self._layout_genes()
+
+    # -- structure ---------------------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        return len(self.genes)
+
+    def _check_parameters(self) -> None:
+        known = {**self.spec.per_model_params, **self.spec.global_params}
+        for name, value in self.space.parameters.items():
+            if name not in known:
+                raise ConfigError(f"'{name}' is not a parameter of {self.method}", file=self.source,
+                                  key=f"parameters.{name}", allowed=", ".join(sorted(known)))
+            pspec = known[name]
+            if isinstance(value, Evolved):
+                if pspec.kind is bool:
+                    raise ConfigError("a boolean parameter cannot evolve", file=self.source,
+                                      key=f"parameters.{name}", allowed="true or false")
+                for end in value.range:
+                    try:
+                        pspec.check(end)
+                    except ConfigError:
+                        raise ConfigError(f"range {list(value.range)} leaves what {self.method} allows",
+                                          file=self.source, key=f"parameters.{name}.range",
+                                          allowed=pspec.allowed) from None
+            else:
+                try:
+                    pspec.check(value)
+                except ConfigError as exc:
+                    raise ConfigError(exc.detail, file=self.source, key=f"parameters.{name}",
+                                      allowed=pspec.allowed) from None
+        for name, pspec in self.spec.per_model_params.items():
+            if pspec.required and name not in self.space.parameters and not self.space.chat_vector:
+                raise ConfigError(f"{self.method} needs '{name}' (fixed or evolved)", file=self.source,
+                                  key=f"parameters.{name}")
+
+    def _members(self) -> list[str]:
+        """Models merged (base excluded for methods with a base), in YAML order."""
+        s = self.space
+        if s.chat_vector:
+            return [s.chat_vector.target, s.chat_vector.chat]
+        base = s.base_model if self.spec.needs_base else None
+        members = [m for m in s.models if m != base]
+        if self.method == "slerp" and len(members) != 1:
+            raise ConfigError("slerp merges exactly one model into the base", file=self.source, key="models")
+        if self.spec.needs_base and not base:
+            raise ConfigError(f"{self.method} needs base_model", file=self.source, key="base_model")
+        return members
+
+    def evolving(self, model: str) -> bool:
+        s = self.space
+        if s.chat_vector:
+            return model == s.chat_vector.chat
+        return model in (s.evolve_models or self.members)
+
+    def _groups(self) -> list[list[int]]:
+        n, s = self.num_layers, self.space
+        if s.granularity == "model":
+            return [list(range(n))]
+        size = s.block_size if s.granularity == "block" else 1
+        return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+
+    def _components(self) -> list[str]:
+        return ["attn", "mlp"] if self.space.split_attn_mlp else ["all"]
+
+    def _layout_genes(self) -> list[Gene]:
+        genes = []
+        for name, value in self.space.parameters.items():
+            if not isinstance(value, Evolved):
+                continue
+            grid = value.grid or DEFAULT_GRIDS.get(name)
+            owners: list[str | None]
+            if name in self.spec.per_model_params:
+                owners = [m for m in self.members if self.evolving(m)]
+            else:
+                owners = [None]
+            for owner in owners:
+                for gi in range(len(self.groups)):
+                    for comp in self._components():
+                        genes.append(Gene(name, owner, gi, comp, value.range[0], value.range[1], grid))
+        return genes
+
+    # -- genome -> recipe --------------------------------------------------------------------------
+    def per_layer(self, genome: np.ndarray) -> dict[tuple[str, str | None, str], list[float]]:
+        """(param, model, component) -> value at every layer."""
+        genome = np.asarray(genome, dtype=float)
+        if genome.shape != (self.dim,):
+            raise ValueError(f"genome has {genome.shape} genes, the space has {self.dim}")
+        out: dict[tuple[str, str | None, str], list[float]] = {}
+        for g, gene in zip(genome, self.genes):
+            row = out.setdefault((gene.param, gene.model, gene.component), [math.nan] * self.num_layers)
+            for layer in self.groups[gene.group]:
+                row[layer] = gene.value(g)
+        return out
+
+    def layer_params(self, genome: np.ndarray) -> dict[str, list[float]]:
+        """Row label -> per-layer values, for the report's heatmap."""
+        return {f"{p}/{m or '*'}/{c}": v for (p, m, c), v in self.per_layer(genome).items()}
+
+    def _setting(self, rows: dict[str, list[float]]) -> Any:
+        """Per-layer rows for one parameter -> a mergekit setting (scalar, gradient, or attn/mlp filters)."""
+        def compact(values: list[float]) -> Any:
+            return values[0] if self.space.granularity == "model" or len(set(values)) == 1 else values
+
+        if "all" in rows:
+            return compact(rows["all"])
+        attn, mlp = rows["attn"], rows["mlp"]
+        other = [round((a + b) / 2, 6) for a, b in zip(attn, mlp)]
+        return [Conditional(filter=COMPONENT_FILTERS["attn"], value=compact(attn)),
+                Conditional(filter=COMPONENT_FILTERS["mlp"], value=compact(mlp)),
+                Conditional(value=compact(other))]
+
+    def decode(self, genome: np.ndarray) -> Recipe:
+        s = self.space
+        table = self.per_layer(genome)
+        shared: dict[str, Any] = {}
+        per_model: dict[str, dict[str, Any]] = {m: {} for m in self.members}
+        for name, value in s.parameters.items():
+            is_model_param = name in self.spec.per_model_params
+            if isinstance(value, Evolved):
+                fixed = value.init if value.init is not None else (value.range[0] + value.range[1]) / 2
+                if is_model_param:
+                    for m in self.members:
+                        rows = {c: v for (p, mm, c), v in table.items() if p == name and mm == m}
+                        per_model[m][name] = self._setting(rows) if rows else fixed
+                else:
+                    shared[name] = self._setting({c: v for (p, _, c), v in table.items() if p == name})
+            elif is_model_param:
+                for m in self.members:
+                    per_model[m][name] = value
+            else:
+                shared[name] = value
+        if s.chat_vector:  # target + λ·(chat − base) == base + 1·(target − base) + λ·(chat − base)
+            per_model[s.chat_vector.target] = {"weight": 1.0}
+            per_model[s.chat_vector.chat].setdefault("weight", 1.0)
+        entries = [ModelEntry(model=self.refs[m], parameters=per_model[m] or None) for m in self.members]
+        if self.method == "slerp":
+            entries.insert(0, ModelEntry(model=self.refs[s.base_model]))
+        target = s.chat_vector.target if s.chat_vector else (s.base_model or self.members[0])
+        return Recipe(
+            merge_method=self.method,
+            base_model=self.refs[s.base_model] if s.base_model and (self.spec.needs_base) else None,
+            models=entries,
+            parameters=shared or None,
+            dtype=s.dtype,
+            evomerge=EvomergeOptions(seed=s.seed, embeddings=s.embeddings,
+                                     target_model=self.refs[target] if s.chat_vector or s.embeddings != "merge" else None),
+        )
+
+    # -- recipe -> genome --------------------------------------------------------------------------
+    def encode(self, recipe: Recipe) -> np.ndarray:
+        """The genome closest to a hand-written recipe (values clipped to the ranges)."""
+        by_ref = {ref: name for name, ref in self.refs.items()}
+        model_params = {}
+        for entry in recipe.models or []:
+            model_params[by_ref.get(entry.model, entry.model)] = entry.parameters or {}
+        genome = np.empty(self.dim)
+        n = self.num_layers
+        for i, gene in enumerate(self.genes):
+            layer = self.groups[gene.group][0]
+            t = layer / (n - 1) if n > 1 else 1.0
+            comp = {"attn": "self_attn.q_proj", "mlp": "mlp.up_proj", "all": "self_attn.q_proj"}[gene.component]
+            tensor = f"model.layers.{layer}.{comp}.weight"
+            value = None
+            scopes = [model_params.get(gene.model, {})] if gene.model else []
+            scopes.append(recipe.parameters or {})
+            for scope in scopes:
+                if gene.param in scope:
+                    value = evaluate_setting(tensor, scope[gene.param], t)
+                    if value is not None:
+                        break
+            if value is None:
+                value = (gene.low + gene.high) / 2
+            genome[i] = gene.gene(float(value))
+        return genome
+
+    def dedupe_key(self, genome: np.ndarray) -> str:
+        """Candidates whose decoded values are equal (after grids and rounding) share a key."""
+        return hashlib.sha256(self.decode(genome).to_yaml().encode()).hexdigest()[:32]
