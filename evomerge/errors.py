@@ -26,6 +26,13 @@ class EvomergeError(Exception):
         return msg
 
 
+    def located(self, file: str, key: str | None = None) -> "EvomergeError":
+        """The same error with the file (and a default key) filled in where it was missing."""
+        if self.file:
+            return self
+        return type(self)(self.detail, file=file, key=self.key or key, allowed=self.allowed)
+
+
 class ConfigError(EvomergeError):
     """A recipe or search-space file is malformed or asks for something impossible."""
 

@@ -16,7 +16,7 @@ from typing import Iterator
 import torch
 from safetensors.torch import save_file
 
-from evomerge.errors import ConfigError, ModelLoadError
+from evomerge.errors import ConfigError, EvomergeError, ModelLoadError
 from evomerge.merge.execute import DTYPES
 from evomerge.merge.plan import MergePlan
 from evomerge.recipe import Recipe
@@ -155,6 +155,14 @@ def materialize(
                           key="tokenizer_source", allowed="base or a model name")
     # Open and plan everything before creating any output folder.
     session = MergeSession.open(recipe, device=device, source=recipe_source, trust_remote_code=trust_remote_code)
+    try:
+        _write_folder(recipe, session, out_dir, out_dtype, shard_size, copy_tokenizer, overwrite, progress)
+    except EvomergeError as exc:
+        raise exc.located(recipe_source) from None
+    return out_dir
+
+
+def _write_folder(recipe, session, out_dir, out_dtype, shard_size, copy_tokenizer, overwrite, progress) -> None:
     plan = session.plan
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         writer = ShardWriter(tmp, parse_size(shard_size))
@@ -186,4 +194,3 @@ def materialize(
                 tok.save_pretrained(tmp)
         recipe.save(tmp / "evomerge_recipe.yaml")
         (tmp / "README.md").write_text(model_card(recipe, files))
-    return out_dir

@@ -39,6 +39,12 @@ class Item:
     category: str
 
 
+def task_spec() -> dict:
+    """The knobs that define the tasks' items (a zoo cache is only valid for the same spec)."""
+    return {"sort_letters": SORT_LETTERS, "sort_length": SORT_LENGTH, "count_letters": COUNT_LETTERS,
+            "count_length": COUNT_LENGTH}
+
+
 def _add(rng: random.Random) -> tuple[str, str]:
     a, b = rng.randint(100, 999), rng.randint(100, 999)
     return f"add:{a}+{b}=", str(a + b)

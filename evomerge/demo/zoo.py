@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from evomerge.demo.tasks import TASKS, Item, check_tasks, generate_splits, read_jsonl, write_task_files
+from evomerge.demo.tasks import TASKS, Item, check_tasks, generate_splits, read_jsonl, task_spec, write_task_files
 from evomerge.errors import ConfigError
 
 ZOO_VERSION = 1
@@ -258,7 +258,7 @@ def build_zoo(root: str | Path, *, seed: int = 0, base_steps: int = 500, expert_
     settings = _settings(seed=seed, base_steps=base_steps, expert_steps=expert_steps, experts=experts, tasks=tasks,
                          base_lr=base_lr, expert_lr=expert_lr, batch_size=batch_size, train_size=train_size,
                          search_size=search_size, heldout_size=heldout_size, layers=layers, hidden=hidden,
-                         heads=heads, intermediate=intermediate, alphabet=ALPHABET, score=score)
+                         heads=heads, intermediate=intermediate, alphabet=ALPHABET, task_spec=task_spec(), score=score)
     if not force:
         cached = load_zoo(root)
         if cached is not None and cached.settings == settings:

@@ -2,30 +2,30 @@
 
 mergekit's TIES argsorts every task vector on every merge; in a search the deltas
 never change, only the densities do. Densities come from a grid (default steps of
-0.001), so ``MagnitudeThresholds`` sorts |delta| ONCE per tensor per run and keeps
-the magnitude of the k-th largest element for every grid density, with
+0.001), so ``MagnitudeThresholds`` sorts |delta| ONCE per tensor per run and keeps,
+for every grid density, the magnitude of the k-th largest element with
 ``k = max(1, int(density * numel))`` exactly as ``methods.magnitude`` counts it.
-Trimming is then ``|delta| >= threshold``: an elementwise comparison fused into the
-merge pass, no sort per candidate.
+Trimming is then an elementwise comparison inside the merge pass, no sort per
+candidate.
 
-How this differs from exact top-k (``methods.ties``): only at ties of equal
-magnitude at the threshold. Top-k keeps exactly k elements and breaks ties by
-argsort order; ``>= threshold`` keeps every element equal to the k-th largest
-magnitude, so it may keep a few more. On float32 deltas with continuous values
-there are no such ties and the masks are identical (tests check this at grid
-densities). Tied zeros are harmless: a zero delta has no sign, so the sign
-election drops it from both sum and divisor either way. With bfloat16 deltas
-(few distinct values) extra kept elements are at most the number of elements
-sharing the threshold magnitude. Off-grid densities fall back to one
-``kthvalue`` (cached), so every density works; grid ones cost nothing.
+How this differs from exact top-k (``methods.ties`` / mergekit): only among
+elements of equal magnitude at the threshold. Both keep exactly k elements with
+the same multiset of magnitudes; mergekit keeps whichever tied elements its
+(unstable) argsort happens to put first, the default ``tie_break="index"`` keeps
+the tied ones with the lowest flat index (a threshold plus one index cutoff per
+grid point). On float32 deltas with continuous values there are no ties and the
+merge is bit-identical to ``methods.ties`` (tested). bfloat16 deltas are
+quantized, so ties are common and some tied positions differ (tested: only there).
+``tie_break="argsort"`` stores mergekit's rank of every element (int32) and is
+bit-identical in bf16 as well, at 4 extra bytes read per element. Off-grid
+densities cost one ``kthvalue`` (cached), so every density works.
 
-Device-agnostic: thresholds live on the delta's device; nothing syncs to the host
-per candidate (the threshold is a 0-d device tensor).
+Device-agnostic (CPU, CUDA): thresholds live on the delta's device as tensors and
+cutoffs are Python ints, so applying them never syncs with the device.
 """
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Sequence
 from typing import Optional
 
@@ -138,26 +138,34 @@ class MagnitudeThresholds:
             self._extra[k] = (thr, cutoff)
         return self._extra[k]
 
+    def drop_mask(self, density: float, delta: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """Boolean mask of the entries trimming drops (True = dropped); None when
+        nothing is dropped (density >= 1)."""
+        if density >= 1:
+            return None
+        d = self.delta if delta is None else delta
+        if density <= 0 or self.numel == 0:
+            return torch.ones_like(d, dtype=torch.bool)
+        if self.ranks is not None:
+            return self.ranks >= self.k(density)
+        thr, cutoff = self.threshold(density)
+        a = d.abs()
+        drop = a < thr
+        if cutoff is not None:  # ties at the threshold beyond k: drop the later ones
+            drop.view(-1)[cutoff:] |= a.view(-1)[cutoff:] == thr
+        return drop
+
     def trim_(self, x: torch.Tensor, density: float, delta: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Zero, in place, the entries of ``x`` (shaped like the delta) that top-k
-        trimming of ``delta`` at ``density`` drops; returns ``x``."""
-        if density >= 1:
-            return x
-        if density <= 0 or self.numel == 0:
-            return x.zero_()
-        if self.ranks is not None:
-            return x.masked_fill_(self.ranks >= self.k(density), 0)
-        thr, cutoff = self.threshold(density)
-        a = (self.delta if delta is None else delta).abs()
-        x.masked_fill_(a < thr, 0)
-        if cutoff is not None:  # ties at the threshold beyond k: drop the later ones
-            x.view(-1)[cutoff:].masked_fill_(a.view(-1)[cutoff:] == thr, 0)
-        return x
+        trimming at ``density`` drops; returns ``x``."""
+        drop = self.drop_mask(density, delta)
+        return x if drop is None else x.masked_fill_(drop, 0)
 
     def mask(self, density: float, delta: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Boolean keep-mask (True = kept) of ``delta`` (default: the build tensor)."""
+        drop = self.drop_mask(density, delta)
         d = self.delta if delta is None else delta
-        return self.trim_(torch.ones_like(d, dtype=torch.bool), density, d)
+        return torch.ones_like(d, dtype=torch.bool) if drop is None else ~drop
 
     def nearest_grid_density(self, density: float) -> float:
         """The grid density closest to ``density`` (for callers that snap genomes)."""
@@ -189,48 +197,53 @@ def ties_merge_fast(
 
     Same maths as ``methods.ties`` (sign election by the sum of weighted trimmed
     deltas, >= 0 is +; disjoint mean with zero divisor -> 1 when ``normalize``;
-    ``* lambda_``; ``+ base``), but trimming is ``|delta| >= threshold`` and the
-    model axis is streamed: two passes over the deltas, no stacked copy, no sort.
+    ``* lambda_``; ``+ base``), but trimming compares |delta| with a precomputed
+    threshold and the model axis is streamed: two elementwise passes over the
+    deltas, no stacked copy, no sort. Pass 1 keeps each model's drop mask (1 byte
+    an element) for pass 2. With ``maj`` = the elected sign (+-1), agreeing entries
+    are those with ``w*d*maj > 0``, so the disjoint sum is
+    ``maj * sum(relu(w*d*maj))``: exact, as multiplying by +-1 is.
     Writes into ``out`` (e.g. the live model's parameter) when given; ``out`` may be
-    ``base`` itself only if the caller does not need the base afterwards.
+    ``base`` itself if the caller does not need the base afterwards.
     """
     n = len(deltas)
     if not (len(thresholds) == len(weights) == len(densities) == n):
         raise ValueError("deltas, thresholds, weights and densities must align")
     dtype = base.dtype
     acc = _acc_dtype(dtype)
-
-    def trimmed(i: int) -> Optional[torch.Tensor]:
-        """w_i * trim(delta_i) in the working dtype (mergekit: trim, then * w)."""
-        if densities[i] <= 0 or weights[i] == 0:
-            return None
-        d = deltas[i]
-        w = torch.tensor(weights[i], dtype=dtype, device=d.device)  # mergekit casts w to dtype
-        return thresholds[i].trim_(d * w, densities[i], d)
+    # mergekit casts the weights to the working dtype before multiplying
+    w_cast = [float(torch.tensor(float(w), dtype=dtype)) for w in weights]
+    active = [i for i in range(n) if densities[i] > 0 and w_cast[i] != 0]
 
     # pass 1: elected sign = sign of the sum of weighted trimmed deltas
     sign_weight = torch.zeros(base.shape, dtype=acc, device=base.device)
-    for i in range(n):
-        wd = trimmed(i)
-        if wd is not None:
-            sign_weight.add_(wd)
-    # compare after rounding to the working dtype, as mergekit's dtype-typed sum does
-    positive = sign_weight.to(dtype) >= 0
+    drops: dict[int, Optional[torch.Tensor]] = {}
+    for i in active:
+        wd = deltas[i] * w_cast[i]
+        drop = thresholds[i].drop_mask(densities[i], deltas[i])
+        if drop is not None:
+            wd.masked_fill_(drop, 0)
+        drops[i] = drop
+        sign_weight.add_(wd)
+        del wd
+    # elect after rounding to the working dtype, as mergekit's dtype-typed sum does
+    maj = torch.where(sign_weight.to(dtype) >= 0, 1.0, -1.0).to(dtype)
     del sign_weight
 
-    # pass 2: disjoint sum over agreeing entries, and their weight sum
+    # pass 2: disjoint sum over agreeing entries, and the sum of their weights
     mixed = torch.zeros(base.shape, dtype=acc, device=base.device)
     divisor = torch.zeros(base.shape, dtype=acc, device=base.device) if normalize else None
-    for i in range(n):
-        wd = trimmed(i)
-        if wd is None:
-            continue
-        agree = torch.where(positive, wd > 0, wd < 0)
-        mixed.add_(wd.masked_fill_(~agree, 0))
+    for i in active:
+        r = deltas[i] * w_cast[i]
+        if drops[i] is not None:
+            r.masked_fill_(drops[i], 0)
+        r.mul_(maj).clamp_min_(0)  # agreeing entries as |w*d|, the rest 0
+        mixed.add_(r)
         if divisor is not None:
-            w = torch.tensor(weights[i], dtype=dtype, device=base.device)
-            divisor.add_(agree.to(dtype) * w)
-    mixed = mixed.to(dtype)
+            divisor.add_(r > 0, alpha=w_cast[i])
+        drops[i] = None
+        del r
+    mixed = mixed.to(dtype).mul_(maj)
     if divisor is not None:
         divisor = divisor.to(dtype)
         divisor.masked_fill_(divisor == 0, 1)
@@ -239,5 +252,6 @@ def ties_merge_fast(
         mixed.mul_(lambda_)
     if out is None:
         return (base + mixed).to(dtype)
-    torch.add(base, mixed, out=out) if out.dtype == dtype else out.copy_(base + mixed)
-    return out
+    if out.dtype == dtype:
+        return torch.add(base, mixed, out=out)
+    return out.copy_(base + mixed)

@@ -66,7 +66,12 @@ DIFFERENCES_FROM_MERGEKIT: list[str] = [
     "DARE/DELLA randomness comes from an explicit torch.Generator that the caller seeds per "
     "candidate and per tensor (mergekit draws from the global generator). Seeded with the "
     "same number the draws are identical, so only the seeding differs, not the maths.",
-    "breadcrumbs with gamma*numel < 1: older mergekit releases sliced the sorted magnitudes "
+    "TIES during the search (evomerge.merge.fast_ties, default tie_break='index'): among "
+    "elements of exactly equal |delta| at the density threshold it keeps the lowest flat "
+    "indices, where mergekit keeps whichever its unstable argsort puts first. Same count, "
+    "same magnitudes; bit-identical on float32 deltas, a few tied positions differ on "
+    "bf16 ones. tie_break='argsort' reproduces mergekit's choice exactly.",
+    "breadcrumbs with gamma*numel < 1 (a version note, not a difference from 0.1.5): older mergekit releases sliced the sorted magnitudes "
     "as [n_bot:-n_top], an empty slice when n_top == 0, and zeroed the whole delta. "
     "mergekit 0.1.5 slices [n_bot:n_bot+target_n] and is already right (no outliers are "
     "removed); evomerge does the same and a test pins it, so a merge made with an older "

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 from evomerge.errors import ConfigError
 from evomerge.merge.registry import METHODS
 from evomerge.models.layout import ModelLayout, ParamKind
-from evomerge.recipe import OutputSlice, Recipe, SliceSource, evaluate_setting
+from evomerge.recipe import Conditional, OutputSlice, Recipe, SliceSource, evaluate_setting
 
 VOCAB_KINDS = (ParamKind.EMBED, ParamKind.LM_HEAD)
 POST_KINDS = (ParamKind.FINAL_NORM, ParamKind.LM_HEAD)
@@ -91,6 +91,7 @@ def build_plan(recipe: Recipe, layouts: Mapping[str, ModelLayout], *, source: st
     spec = METHODS[method]
     if spec.needs_base and not recipe.base_model and not any(s.base_model for s in recipe.slices or []):
         raise ConfigError(f"merge method '{method}' needs a base model", file=source, key="base_model")
+    validate_parameters(recipe, source=source)
     missing = [r for r in recipe.referenced_models() if r not in layouts]
     if missing:
         raise ConfigError(f"model '{missing[0]}' was not loaded", file=source, key="models")
@@ -195,3 +196,36 @@ def resolve_parameters(recipe: Recipe, method: str, tp: TensorPlan, sl: OutputSl
         if values:
             out[pname] = values
     return out
+
+
+def _leaf_values(setting: Any) -> list[Any]:
+    """Every scalar a setting can produce (gradient elements, conditional values)."""
+    if isinstance(setting, Conditional):
+        return _leaf_values(setting.value)
+    if isinstance(setting, list):
+        return [v for e in setting for v in _leaf_values(e)]
+    return [setting]
+
+
+def validate_parameters(recipe: Recipe, *, source: str = "<recipe>") -> None:
+    """Check every parameter the recipe names, wherever it sits, against the method's names and ranges."""
+    spec = METHODS[recipe.merge_method]
+    known = {**spec.global_params, **spec.per_model_params}
+    scopes: list[tuple[str, dict | None]] = [("parameters", recipe.parameters)]
+    for i, m in enumerate(recipe.models or []):
+        scopes.append((f"models.{i}.parameters", m.parameters))
+    for i, sl in enumerate(recipe.slices or []):
+        scopes.append((f"slices.{i}.parameters", sl.parameters))
+        for j, src in enumerate(sl.sources):
+            scopes.append((f"slices.{i}.sources.{j}.parameters", src.parameters))
+    for where, params in scopes:
+        for name, setting in (params or {}).items():
+            if name not in known:
+                raise ConfigError(f"'{name}' is not a parameter of {recipe.merge_method}", file=source,
+                                  key=f"{where}.{name}", allowed=", ".join(sorted(known)) or "none")
+            for value in _leaf_values(setting):
+                try:
+                    known[name].check(value)
+                except ConfigError as exc:
+                    raise ConfigError(exc.detail, file=source, key=f"{where}.{name}",
+                                      allowed=known[name].allowed) from None

@@ -29,13 +29,13 @@ class MergeSession:
     def open(cls, recipe: Recipe, *, device: str = "cpu", source: str = "<recipe>",
              trust_remote_code: bool = False, sources: dict[str, WeightSource] | None = None) -> "MergeSession":
         sources = dict(sources or {})
-        for ref in recipe.referenced_models():
-            if ref not in sources:
-                try:
+        try:
+            for ref in recipe.referenced_models():
+                if ref not in sources:
                     sources[ref] = open_model(ref, trust_remote_code=trust_remote_code)
-                except ModelLoadError as exc:
-                    raise ModelLoadError(f"{exc.detail}", file=source, key="models") from None
-        check_mergeable(sources, same_layers=False)
+            check_mergeable(sources, same_layers=False)
+        except EvomergeError as exc:
+            raise exc.located(source, "models") from None
         layouts = {ref: ModelLayout.from_source(src) for ref, src in sources.items()}
         plan = build_plan(recipe, layouts, source=source)
         try:

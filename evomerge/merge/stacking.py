@@ -52,7 +52,7 @@ from evomerge.merge.dfs import check_stackable, validate_path
 Path = list[tuple[int, int]]
 
 __all__ = [
-    "StackInfo", "build_stacked_model", "fold_scales", "cumulative_scales", "to_passthrough_recipe",
+    "StackInfo", "build_stacked_model", "stacked_config", "fold_scales", "cumulative_scales", "to_passthrough_recipe",
     "dus_path", "dus_recipe",
 ]
 
@@ -116,13 +116,19 @@ class _ScaleInput:
         return args, kwargs
 
 
-def _stacked_config(target: nn.Module, path: Path, sources: Sequence[nn.Module]):
-    cfg = _copy.deepcopy(target.config)
+def stacked_config(target_config, path: Sequence[tuple[int, int]], source_configs: Sequence[Any]):
+    """The target's config for a stack along `path`: num_hidden_layers and per-position layer_types.
+
+    Also the workaround for mergekit 0.1.5 with transformers 5.x on models whose config has
+    `layer_types` (Qwen2, Qwen3, Gemma 2/3): mergekit writes the tensors but fails to save a config
+    whose layer count changed; save this config into its output folder instead.
+    """
+    cfg = _copy.deepcopy(target_config)
     cfg.num_hidden_layers = len(path)
     if getattr(cfg, "layer_types", None) is not None:
         types = []
         for src, layer in path:
-            src_types = getattr(sources[src].config, "layer_types", None)
+            src_types = getattr(source_configs[src], "layer_types", None)
             types.append(src_types[layer] if src_types is not None else "full_attention")
         cfg.layer_types = types
     return cfg
@@ -142,7 +148,7 @@ def _check_inputs(target, path, scales, sources) -> tuple[Path, list[float]]:
 def _assemble(target: nn.Module, path: Path, sources: Sequence[nn.Module], layers: list[nn.Module],
               clone: bool = False) -> nn.Module:
     """A model of the target's class whose decoder layers are `layers` and the rest is the target's."""
-    cfg = _stacked_config(target, path, sources)
+    cfg = stacked_config(target.config, path, [m.config for m in sources])
     with torch.device("meta"):
         new = type(target)(cfg)
     base, new_base = _base(target), _base(new)

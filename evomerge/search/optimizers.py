@@ -124,6 +124,14 @@ class Optimizer(ABC):
                 study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
 
 
+def _ask(study: optuna.Study) -> optuna.trial.Trial:
+    """study.ask() without Optuna's warning that heartbeats are meant for study.optimize (the
+    driver records heartbeats itself)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Heartbeat of storage")
+        return study.ask()
+
+
 def _global_randn(*shape: int) -> np.ndarray:
     """numpy's global randn behind a module-level name: cma pickles a reference to it, where
     pickling `np.random.randn` itself would freeze a copy of the global RandomState into the
@@ -237,10 +245,16 @@ class CMAOptimizer(Optimizer):
         study = self._ensure_study()
         genome = self._asked[index]
         params = {gene_name(i): float(v) for i, v in enumerate(genome)}
-        study.enqueue_trial(params, skip_if_exists=False)
-        trial = study.ask()
-        for i in range(self.dim):
-            trial.suggest_float(gene_name(i), 0.0, 1.0)
+        from evomerge.store import sqlite_backend, write_float_params
+
+        if sqlite_backend(study) is not None:  # the run store: one bulk insert instead of a commit per gene
+            trial = _ask(study)
+            write_float_params(study, trial, params)
+        else:
+            study.enqueue_trial(params, skip_if_exists=False)
+            trial = _ask(study)
+            for i in range(self.dim):
+                trial.suggest_float(gene_name(i), 0.0, 1.0)
         self._trials[index] = trial
         return trial
 
@@ -313,7 +327,7 @@ class OptunaOptimizer(Optimizer):
         self._pending, self._handed = [], set()
         genomes = []
         for _ in range(size):
-            trial = study.ask()
+            trial = _ask(study)
             genomes.append(np.array([trial.suggest_float(gene_name(i), 0.0, 1.0) for i in range(self.dim)]))
             self._pending.append(trial)
         return genomes

@@ -17,7 +17,8 @@ import yaml
 from evomerge.errors import ConfigError
 from evomerge.merge.dfs import DfsSpace
 from evomerge.merge.stacking import (
-    build_stacked_model, cumulative_scales, dus_path, dus_recipe, fold_scales, to_passthrough_recipe,
+    build_stacked_model, cumulative_scales, dus_path, dus_recipe, fold_scales, stacked_config,
+    to_passthrough_recipe,
 )
 from evomerge.models.tiny import char_tokenizer, perturbed, random_model, save_model, tiny_config
 
@@ -143,32 +144,58 @@ def test_weights_are_shared_not_copied(pair):
     assert [l.self_attn.layer_idx for l in a.model.layers] == [0, 1, 2, 3]  # sources untouched
     assert stacked.model.embed_tokens.weight.data_ptr() == a.model.embed_tokens.weight.data_ptr()
     assert stacked.lm_head.weight.data_ptr() == a.lm_head.weight.data_ptr()
-    params = sum(p.numel() for p in stacked.parameters())
-    unique = {p.data_ptr() for p in stacked.parameters()}
-    assert len(unique) == len(list(stacked.parameters())) and params < sum(p.numel() for p in a.parameters()) * 2
+    # the stack owns no tensor of its own: its parameters are exactly those of the layers it uses + A's ends
+    used = [a.model.layers[1], a.model.layers[2]] + list(b.model.layers) + [a.model.embed_tokens, a.model.norm, a.lm_head]
+    assert {id(p) for p in stacked.parameters()} == {id(p) for m in used for p in m.parameters()}
     torch.testing.assert_close(_logits(a, _ids(a)), before, atol=0, rtol=0)  # no hooks leaked into a
 
+    down_before = a.model.layers[1].mlp.down_proj.weight.detach().clone()
     folded = fold_scales(stacked)
     fl = folded.model.layers
     # unchanged tensors stay shared; only residual outputs of positions with c != 1 are new
     assert fl[4].self_attn.q_proj.weight.data_ptr() == a.model.layers[1].self_attn.q_proj.weight.data_ptr()
     assert fl[0].self_attn.o_proj.weight.data_ptr() == b.model.layers[0].self_attn.o_proj.weight.data_ptr()  # c=1
     assert fl[4].self_attn.o_proj.weight.data_ptr() != a.model.layers[1].self_attn.o_proj.weight.data_ptr()
-    torch.testing.assert_close(a.model.layers[1].mlp.down_proj.weight,
-                               pair["a"].model.layers[1].mlp.down_proj.weight)
+    assert torch.equal(a.model.layers[1].mlp.down_proj.weight, down_before)  # folding wrote new tensors
+    torch.testing.assert_close(fl[4].mlp.down_proj.weight, down_before / cumulative_scales(SCALES)[4])
 
 
-def test_clone_fold_saves_and_reloads(pair, tmp_path):
+@pytest.mark.parametrize("tied", [False, True])
+def test_clone_fold_saves_and_reloads(pair, tmp_path, tied):
     from transformers import AutoModelForCausalLM
 
     a, b = pair["a"], pair["b"]
+    if tied:
+        a = random_model(tiny_config("llama", rms_norm_eps=1e-12, tie_embeddings=True), seed=0)
+        b = perturbed(a, seed=1, scale=0.3)
     folded = fold_scales(a, PATH, SCALES, [a, b], clone=True)
     ptrs = {p.data_ptr() for p in a.parameters()} | {p.data_ptr() for p in b.parameters()}
     assert not ptrs & {p.data_ptr() for p in folded.parameters()}
+    assert (folded.lm_head.weight.data_ptr() == folded.model.embed_tokens.weight.data_ptr()) == tied
     folded.save_pretrained(tmp_path)
     again = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     ids = _ids(a)
     torch.testing.assert_close(_logits(again, ids), _logits(build_stacked_model(a, PATH, SCALES, [a, b]), ids),
+                               atol=ATOL, rtol=0)
+
+
+def test_mergekit_on_a_model_with_layer_types(tmp_path):
+    """Qwen2 configs carry layer_types: mergekit 0.1.5 + transformers 5 write the tensors but fail to
+    save a config with a new layer count; stacked_config() is the config to write in its place."""
+    tok = char_tokenizer()
+    a = random_model(tiny_config("qwen2", vocab_size=len(tok), rms_norm_eps=1e-12), seed=0)
+    b = perturbed(a, seed=1, scale=0.3)
+    recipe = to_passthrough_recipe(PATH, SCALES, [str(save_model(a, tok, tmp_path / "a")),
+                                                  str(save_model(b, tok, tmp_path / "b"))], target_index=0)
+    try:
+        merged = _mergekit(recipe, tmp_path / "out")
+    except Exception:  # noqa: BLE001 - mergekit's own config validation error
+        stacked_config(a.config, PATH, [a.config, b.config]).save_pretrained(tmp_path / "out")
+        from transformers import AutoModelForCausalLM
+
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    ids = _ids(a)
+    torch.testing.assert_close(_logits(merged, ids), _logits(build_stacked_model(a, PATH, SCALES, [a, b]), ids),
                                atol=ATOL, rtol=0)
 
 

@@ -1,0 +1,143 @@
+"""Live progress of a search: trial n of max, generation, best so far, seconds per merge and per
+evaluation, ETA. `QuietProgress` for tests and scripts; `RichProgress` for the terminal."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:
+    from evomerge.store import TrialRecord
+
+
+def _fmt_values(values: Sequence[float] | None) -> str:
+    if not values:
+        return "-"
+    return "/".join(f"{v:.4g}" for v in values)
+
+
+def _fmt_seconds(s: float | None) -> str:
+    if s is None or s != s:
+        return "?"
+    s = int(round(s))
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
+
+
+class Progress:
+    """Callbacks of `run_search`; the base class does nothing (quiet)."""
+
+    def start(self, *, max_trials: int, finished: int, max_seconds: float | None) -> None: ...
+
+    def trial(self, record: "TrialRecord", best: list["TrialRecord"]) -> None: ...
+
+    def generation(self, generation: int, records: list["TrialRecord"], best: list["TrialRecord"]) -> None: ...
+
+    def finish(self, summary: Any) -> None: ...
+
+
+class QuietProgress(Progress):
+    """No output (tests, library use)."""
+
+
+class _Stats:
+    """Running means and the ETA, shared by the terminal display and tests."""
+
+    def __init__(self) -> None:
+        self.max_trials = 0
+        self.finished = 0
+        self.max_seconds: float | None = None
+        self.t0 = time.monotonic()
+        self.session_trials = 0
+        self.merge_s: list[float] = []
+        self.eval_s: list[float] = []
+        self.generation = 0
+        self.failed = 0
+
+    def add(self, rec: "TrialRecord") -> None:
+        self.finished += 1
+        self.session_trials += 1
+        self.generation = rec.generation if rec.generation is not None else self.generation
+        if rec.status != "ok":
+            self.failed += 1
+        if rec.duplicate_of is None:
+            if rec.merge_seconds is not None:
+                self.merge_s.append(rec.merge_seconds)
+            if rec.eval_seconds is not None:
+                self.eval_s.append(rec.eval_seconds)
+
+    def eta(self) -> float | None:
+        elapsed = time.monotonic() - self.t0
+        if not self.session_trials:
+            return None
+        remaining = max(self.max_trials - self.finished, 0) * elapsed / self.session_trials
+        if self.max_seconds is not None:
+            remaining = min(remaining, max(self.max_seconds - elapsed, 0.0))
+        return remaining
+
+    @staticmethod
+    def mean(xs: list[float]) -> float | None:
+        return sum(xs) / len(xs) if xs else None
+
+
+class RichProgress(Progress):
+    """A rich progress bar with the search figures, and a log line per generation and per failure."""
+
+    def __init__(self, console: Any = None, *, log_trials: bool = False):
+        from rich.console import Console
+
+        self.console = console or Console(stderr=True)
+        self.log_trials = log_trials
+        self.stats = _Stats()
+        self._progress = None
+        self._task = None
+
+    def _line(self, best: list["TrialRecord"]) -> str:
+        st = self.stats
+        b = f"#{best[0].number} {_fmt_values(best[0].values)}" if best else "-"
+        merge, ev = st.mean(st.merge_s), st.mean(st.eval_s)
+        return (f"gen {st.generation} | best {b} | merge {merge:.2f}s | eval {ev:.2f}s | failed {st.failed} | "
+                f"ETA {_fmt_seconds(st.eta())}") if merge is not None and ev is not None else (
+                f"gen {st.generation} | best {b} | failed {st.failed} | ETA {_fmt_seconds(st.eta())}")
+
+    def start(self, *, max_trials: int, finished: int, max_seconds: float | None) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RP, TextColumn, TimeElapsedColumn
+
+        self.stats = _Stats()
+        self.stats.max_trials, self.stats.finished, self.stats.max_seconds = max_trials, finished, max_seconds
+        self._progress = RP(TextColumn("trial"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
+                            TextColumn("{task.fields[line]}"), console=self.console, transient=False)
+        self._progress.start()
+        self._task = self._progress.add_task("search", total=max_trials, completed=finished, line="starting")
+
+    def trial(self, record: "TrialRecord", best: list["TrialRecord"]) -> None:
+        self.stats.add(record)
+        if self._progress is not None:
+            self._progress.update(self._task, completed=self.stats.finished, line=self._line(best))
+            if record.status != "ok" and record.duplicate_of is None:
+                self._progress.console.log(f"trial {record.number} failed: {record.error}")
+            elif self.log_trials:
+                self._progress.console.log(f"trial {record.number}: {_fmt_values(record.values)}")
+
+    def generation(self, generation: int, records: list["TrialRecord"], best: list["TrialRecord"]) -> None:
+        ok = [r.values[0] for r in records if r.status == "ok" and r.values]
+        if self._progress is not None and ok:
+            self._progress.console.log(
+                f"generation {generation}: best {max(ok):.4g} mean {sum(ok) / len(ok):.4g} "
+                f"({len(ok)}/{len(records)} ok) | run best {_fmt_values(best[0].values) if best else '-'}")
+
+    def finish(self, summary: Any) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+        best = summary.best
+        self.console.print(
+            f"search stopped ({summary.stop_reason}): {summary.finished} finished trials, "
+            f"{summary.evaluated} evaluated now ({summary.failed} failed, {summary.duplicates} duplicates, "
+            f"{summary.reused} reused) in {_fmt_seconds(summary.seconds)}; "
+            f"best {('#%d %s' % (best.number, _fmt_values(best.values))) if best else '-'}")
+
+
+def make_progress(quiet: bool = False, console: Any = None, *, log_trials: bool = False) -> Progress:
+    return QuietProgress() if quiet else RichProgress(console, log_trials=log_trials)
