@@ -172,8 +172,9 @@ def write_report(run_dir: str | os.PathLike, *, top_k: int = 10) -> Path:
     for r in records:
         counts[r.status] = counts.get(r.status, 0) + 1
     dups = sum(1 for r in records if r.duplicate_of is not None)
-    merge_s = [r.merge_seconds for r in records if r.merge_seconds and r.duplicate_of is None]
-    eval_s = [r.eval_seconds for r in records if r.eval_seconds and r.duplicate_of is None]
+    timed = [r for r in records if r.status == "ok" and r.duplicate_of is None]
+    merge_s = [r.merge_seconds for r in timed if r.merge_seconds is not None]
+    eval_s = [r.eval_seconds for r in timed if r.eval_seconds is not None]
     budget = attrs.get("budget") or {}
     opt = attrs.get("optimizer") or {}
     meta = attrs.get("meta") or {}

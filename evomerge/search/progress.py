@@ -116,7 +116,9 @@ class RichProgress(Progress):
         if self._progress is not None:
             self._progress.update(self._task, completed=self.stats.finished, line=self._line(best))
             if record.status != "ok" and record.duplicate_of is None:
-                self._progress.console.log(f"trial {record.number} failed: {record.error}")
+                from rich.markup import escape
+
+                self._progress.console.log(f"trial {record.number} failed: {escape(record.error)}")
             elif self.log_trials:
                 self._progress.console.log(f"trial {record.number}: {_fmt_values(record.values)}")
 

@@ -151,6 +151,28 @@ def test_identical_candidates_are_evaluated_once(tmp_path):
     assert all(b.duplicate_of is None for b in store.best(5))
 
 
+def test_rich_progress_reports_trials_generations_and_failures(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from evomerge.search.progress import RichProgress
+
+    buf = io.StringIO()
+    progress = RichProgress(Console(file=buf, width=200, force_terminal=False))
+
+    def obj(x, calls={"n": 0}):
+        calls["n"] += 1
+        return Outcome(values=[float("nan")]) if calls["n"] == 2 else quadratic(x)
+
+    s = run_search(new_store(tmp_path), make_optimizer("cmaes", 2, seed=0), obj, max_trials=12, progress=progress)
+    out = buf.getvalue()
+    assert "trial 1 failed: non-finite fitness [nan]" in out
+    assert "generation 0: best" in out and "generation 1: best" in out
+    assert f"12 finished trials, 12 evaluated now (1 failed" in out and f"best #{s.best.number}" in out
+    assert progress.stats.session_trials == 12 and progress.stats.eta() == 0.0
+
+
 def test_budget_errors_and_time_limit(tmp_path):
     store = new_store(tmp_path)
     opt = make_optimizer("cmaes", 2, seed=0)
