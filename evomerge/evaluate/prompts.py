@@ -49,7 +49,7 @@ def pick_shots(item, pool: Sequence, k: int) -> list:
     """The first k dev items of the item's category (KMMLU paper style), topped up from other categories."""
     if k <= 0:
         return []
-    same = [s for s in pool if s.category == item.category and s.id != getattr(item, "id", None)]
+    same = [s for s in pool if s.category == item.category]
     other = [s for s in pool if s.category != item.category]
     return (same + other)[:k]
 

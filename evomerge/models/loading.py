@@ -116,7 +116,8 @@ class FolderSource(WeightSource):
 
     def tokenizer(self):
         if not self._tok_loaded:
-            self._tok = _load_tokenizer(self.path, self.ref, self.trust_remote_code) if self.tokenizer_files_dir else None
+            has_files = self.tokenizer_files_dir is not None
+            self._tok = _load_tokenizer(self.path, self.ref, self.trust_remote_code) if has_files else None
             self._tok_loaded = True
         return self._tok
 
@@ -222,7 +223,12 @@ def _bin_state_dict(path: Path, files: list[Path]) -> dict[str, torch.Tensor]:
     sd: dict[str, torch.Tensor] = {}
     for f in files:
         try:
-            part = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                part = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:  # pre-zip (legacy) serialization cannot be memory-mapped
+                if "mmap" not in str(exc):
+                    raise
+                part = torch.load(f, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise ModelLoadError(f"{f}: cannot be read as plain tensors with torch.load(weights_only=True) "
                                  f"({_short(exc)}); convert it to safetensors") from None
@@ -332,7 +338,8 @@ class GGUFSource(WeightSource):
                         quantization_config=GgufConfig(dequantize=True),
                     )
             except Exception as exc:
-                raise ModelLoadError(f"{self.path}: transformers cannot load the GGUF weights ({_short(exc)})") from None
+                raise ModelLoadError(f"{self.path}: transformers cannot load the GGUF weights "
+                                     f"({_short(exc)})") from None
             sd = {n: t.detach() for n, t in _unique_state(model).items()}
             if set(sd) != set(self._meta):
                 log.warning("%s: loaded tensor names differ from the config's model; using the loaded ones", self.ref)
@@ -351,7 +358,8 @@ class GGUFSource(WeightSource):
                 with self._shared_reader():
                     self._tok = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
             except Exception as exc:
-                raise ModelLoadError(f"{self.path}: cannot build the tokenizer from the GGUF file ({_short(exc)})") from None
+                raise ModelLoadError(f"{self.path}: cannot build the tokenizer from the GGUF file "
+                                     f"({_short(exc)})") from None
         return self._tok
 
 
@@ -470,7 +478,8 @@ def _snapshot(repo_id: str, revision: str | None, trust_remote_code: bool) -> Pa
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except Exception as exc:
         raise ModelLoadError(f"'{repo_id}' is not a local path, and the Hugging Face hub could not be reached "
-                             f"for it ({_short(exc)}); give a local folder or .gguf file instead, or go online") from None
+                             f"for it ({_short(exc)}); give a local folder or .gguf file instead, "
+                             "or go online") from None
 
 
 def _load_config(path: Path, ref: str, trust_remote_code: bool):
@@ -601,13 +610,20 @@ def check_mergeable(sources: dict[str, WeightSource], *, same_layers: bool = Fal
             if sa == sb:
                 continue
             kind = ref_layout.kind_of(n)
-            if kind in (ParamKind.EMBED, ParamKind.LM_HEAD) and len(sa) == len(sb) and sa[1:] == sb[1:]:
+            vocab_rows = _vocab_rows(ref_cfg, sa[0]) and _vocab_rows(cfg, sb[0])
+            if kind in (ParamKind.EMBED, ParamKind.LM_HEAD) and vocab_rows and len(sa) == len(sb) and sa[1:] == sb[1:]:
                 if not allow_vocab_mismatch:
                     raise ModelLoadError(f"{pair} have different vocabularies ('{n}': {sa[0]} vs {sb[0]} rows); "
                                          "choose an embedding policy", allowed="keep_target, align")
                 log.info("%s: vocabulary sizes differ on %s (%d vs %d rows)", pair, n, sa[0], sb[0])
                 continue
             raise ModelLoadError(f"{pair} differ in the shape of '{n}' ({tuple(sa)} vs {tuple(sb)})")
+
+
+def _vocab_rows(cfg, rows: int) -> bool:
+    """Whether a tensor with `rows` rows is indexed by token (not, say, a position embedding)."""
+    v = getattr(cfg, "vocab_size", None) or getattr(getattr(cfg, "text_config", None), "vocab_size", None)
+    return v is None or rows == int(v)  # transformers builds embed / lm_head with config.vocab_size rows
 
 
 def _hidden(cfg) -> int | None:

@@ -264,6 +264,8 @@ def test_kill9_then_resume_loses_nothing_and_matches_uninterrupted_run(tmp_path)
 
     res = _run_script(run_dir, *args)
     assert res.returncode == 0, res.stderr
+    reused = int(res.stdout.split("reused=")[1].split()[0])
+    assert reused >= 3  # the finished part of the interrupted generation 1 was not evaluated again
     con = sqlite3.connect(run_dir / "study.db")
     assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     con.close()

@@ -1,0 +1,22 @@
+"""`evomerge run SPACE.yaml`: evolve a merge recipe; leaves runs/NAME/ with best.yaml, held-out scores, report."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="evolve a merge recipe from a search-space YAML")
+    p.add_argument("space", help="search-space YAML (see search_spaces/)")
+    p.add_argument("--run-dir", help="run folder (default: the space's run_dir or runs/<name>)")
+    p.add_argument("--trials", type=int, help="override the trial budget")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in the run folder")
+    p.add_argument("--quiet", action="store_true", help="no live progress")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from evomerge.search.run import start_run
+
+    start_run(args.space, run_dir=args.run_dir, overwrite=args.overwrite, quiet=args.quiet, max_trials=args.trials)
+    return 0

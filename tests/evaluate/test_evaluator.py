@@ -1,0 +1,174 @@
+"""Evaluator behaviour on tiny char-level Llamas: fitness, splits, batching invariance, generation, CLI."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from evomerge.errors import ConfigError
+from evomerge.evaluate.evaluator import Evaluator
+from evomerge.evaluate.spec import TaskSpec
+from evomerge.models.tiny import char_tokenizer, random_model, tiny_config
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tok = char_tokenizer()
+    model = random_model(tiny_config("llama", vocab_size=len(tok)), seed=0)
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tasks")
+    rng = random.Random(0)
+    with open(d / "k.csv", "w") as f:
+        f.write("question,A,B,C,D,answer,Category\n")
+        for i in range(24):
+            a, b = rng.randint(1, 9), rng.randint(1, 9)
+            opts = [str(a + b + k) for k in range(4)]
+            f.write(f"what is {a}+{b}?,{opts[0]},{opts[1]},{opts[2]},{opts[3]},1,{'xyz'[i % 3]}\n")
+    with open(d / "dev.csv", "w") as f:
+        f.write("question,A,B,C,D,answer,Category\nwhat is 1+1?,2,3,4,5,1,x\nwhat is 2+2?,3,4,5,6,2,y\n")
+    with open(d / "m.jsonl", "w") as f:
+        for i in range(12):
+            f.write(json.dumps({"question": f"pick {i}:", "choices": ["aa", "b", "cccc"], "answer": i % 3,
+                                "category": "ab"[i % 2]}) + "\n")
+    with open(d / "g.jsonl", "w") as f:
+        for i in range(16):
+            a, b = rng.randint(10, 99), rng.randint(10, 99)
+            f.write(json.dumps({"prompt": f"{a}+{b}=" + "x" * (i % 5), "answer": str(a + b)}) + "\n")
+    return d
+
+
+def test_weighted_and_vector_fitness(tiny, files):
+    model, tok = tiny
+    specs = [TaskSpec(name="k", kind="kmmlu", path=str(files / "k.csv"), n_search=12, weight=2.0),
+             TaskSpec(name="m", kind="mcq", path=str(files / "m.jsonl"), weight=0.5, loss_tiebreak=0.1)]
+    r = Evaluator(specs, tok, split="search").evaluate(model)
+    m = r.metrics
+    assert m["m"]["objective"] == pytest.approx(m["m"]["acc"] - 0.1 * m["m"]["loss"])
+    assert r.fitness == pytest.approx(2.0 * m["k"]["acc"] + 0.5 * m["m"]["objective"])
+    assert r.objectives == [r.fitness]
+    v = Evaluator(specs, tok, split="search", objectives="vector").evaluate(model)
+    assert v.objectives == pytest.approx([m["k"]["acc"], m["m"]["objective"]]) and v.fitness == pytest.approx(r.fitness)
+    assert set(m["m"]) >= {"acc", "acc_norm", "loss"} and r.seconds > 0
+
+
+def test_split_ids_disjoint_and_reproducible(tiny, files):
+    _, tok = tiny
+    spec = TaskSpec(name="k", kind="kmmlu", path=str(files / "k.csv"), per_category=3, seed=7)
+    s = Evaluator([spec], tok, split="search").split_ids()["k"]
+    h = Evaluator([spec], tok, split="heldout").split_ids()["k"]
+    assert len(s) == 9 and len(h) == 9 and not set(s) & set(h)
+    assert Evaluator([spec], tok, split="search").split_ids()["k"] == s
+
+
+def test_batching_does_not_change_scores(tiny, files):
+    model, tok = tiny
+    specs = [TaskSpec(name="k", kind="kmmlu", path=str(files / "k.csv")),
+             TaskSpec(name="m", kind="mcq", path=str(files / "m.jsonl"))]
+    big = Evaluator(specs, tok, split="all", batch_tokens=4096).evaluate(model, per_item=True)
+    one = Evaluator(specs, tok, split="all", batch_tokens=1).evaluate(model, per_item=True)  # one row per forward
+    for t in ("k", "m"):
+        for i, d in big.per_item[t].items():
+            assert d["loglik"] == pytest.approx(one.per_item[t][i]["loglik"], rel=1e-5)
+
+
+def test_fast_path_equals_full_logits(tiny, files):
+    """Scoring only at the answer position (one row per question) equals log_softmax of the full forward."""
+    model, tok = tiny
+    # no delimiter: each letter is one char token, so each question is one row read at its last position
+    ev = Evaluator([TaskSpec(name="k", kind="kmmlu", path=str(files / "k.csv"), target_delimiter="")], tok, split="all")
+    assert sum(b.input_ids.shape[0] for b in ev.tasks["k"].plan.batches) == 24
+    res = ev.evaluate(model, per_item=True)
+    task = ev.tasks["k"]
+    item = task.items[5]
+    from evomerge.evaluate.prompts import kmmlu_prompt
+
+    ids = tok(kmmlu_prompt(item))["input_ids"]
+    with torch.inference_mode():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].double(), -1)
+    ref = [float(logp[tok.convert_tokens_to_ids(c)]) for c in "ABCD"]
+    assert res.per_item["k"][item.id]["loglik"] == pytest.approx(ref, rel=1e-5)
+
+
+def test_fewshot_prompt_uses_dev_items(tiny, files):
+    _, tok = tiny
+    spec = TaskSpec(name="k", kind="kmmlu", path=str(files / "k.csv"), num_fewshot=2,
+                    fewshot_path=str(files / "dev.csv"), target_delimiter="")
+    ev = Evaluator([spec], tok, split="all")
+    zero = Evaluator([TaskSpec(name="k", kind="kmmlu", path=str(files / "k.csv"), target_delimiter="")], tok,
+                     split="all")
+    shot = "what is 1+1?\nA. 2\nB. 3\nC. 4\nD. 5\n정답：A\n\nwhat is 2+2?\nA. 3\nB. 4\nC. 5\nD. 6\n정답：B\n\n"
+    extra = len(tok(shot, add_special_tokens=False)["input_ids"])
+    assert ev.tasks["k"].plan.n_tokens == zero.tasks["k"].plan.n_tokens + extra * 24
+
+
+def test_generation_batched_equals_generate(tiny, files):
+    model, tok = tiny
+    spec = TaskSpec(name="g", kind="generation", path=str(files / "g.jsonl"), max_new_tokens=6, stop=["+"])
+    res = Evaluator([spec], tok, split="all", batch_tokens=64).evaluate(model, per_item=True)
+    ev1 = Evaluator([spec], tok, split="all", batch_tokens=1)
+    assert ev1.evaluate(model, per_item=True).per_item == res.per_item
+    rows = [json.loads(x) for x in (files / "g.jsonl").read_text().splitlines()]
+    for i, row in enumerate(rows):
+        enc = tok(row["prompt"], return_tensors="pt")
+        with torch.inference_mode():
+            out = model.generate(**enc, max_new_tokens=6, do_sample=False, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id)
+        text = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).split("+")[0]
+        assert res.per_item["g"][str(i)]["output"] == text
+
+
+def test_generation_stops_at_eos_and_scores_exact_match(files):
+    """A model that always says '1', '2', EOS: exact match is 1 for gold '12' and decoding stops at EOS."""
+    tok = char_tokenizer()
+    model = random_model(tiny_config("llama", vocab_size=len(tok), num_layers=1), seed=1)
+    seq = {tok.convert_tokens_to_ids("1"): tok.convert_tokens_to_ids("2"), tok.convert_tokens_to_ids("2"): tok.eos_token_id}
+
+    class Scripted(torch.nn.Module):  # wraps the real model, overriding its logits by the previous token
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.generation_config = inner, inner.generation_config
+
+        def forward(self, input_ids, **kw):
+            out = self.inner(input_ids=input_ids, **kw)
+            last = input_ids[:, -1]
+            nxt = torch.tensor([seq.get(int(t), tok.convert_tokens_to_ids("1")) for t in last])
+            out.logits = torch.nn.functional.one_hot(nxt, len(tok)).float()[:, None, :] * 10
+            return out
+
+    (files / "e.jsonl").write_text("".join(json.dumps({"prompt": p, "answer": "12"}) + "\n" for p in ["a", "bbb", "cc"]))
+    spec = TaskSpec(name="e", kind="generation", path=str(files / "e.jsonl"), max_new_tokens=20)
+    res = Evaluator([spec], tok, split="all").evaluate(Scripted(model), per_item=True)
+    assert res.metrics["e"]["exact_match"] == 1.0
+    assert {d["output"] for d in res.per_item["e"].values()} == {"12"}
+
+
+def test_custom_function(tiny, tmp_path):
+    model, tok = tiny
+    (tmp_path / "myscore.py").write_text("def score(model, tok):\n    return {'score': 0.25, 'n': len(tok)}\n")
+    spec = TaskSpec(name="c", kind="custom", function="myscore.py:score", weight=4)
+    r = Evaluator([spec], tok, split="search", base_dir=tmp_path).evaluate(model)
+    assert r.fitness == 1.0 and r.metrics["c"]["n"] == len(tok)
+    with pytest.raises(ConfigError, match="cannot import"):
+        Evaluator([TaskSpec(name="c", kind="custom", function="no_such_mod:f")], tok, split="search")
+
+
+def test_cli_eval_prints_table(llama_family, files, capsys, tmp_path):
+    from evomerge.cli import main
+
+    out_json = tmp_path / "r.json"
+    rc = main(["eval", str(llama_family["base"]), str(files / "k.csv"), str(files / "g.jsonl"), "--n", "6",
+               "--json", str(out_json)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "acc" in text and "exact_match" in text and "fitness" in text
+    saved = json.loads(out_json.read_text())
+    assert len(saved["split_ids"]["k"]) == 6 and saved["split"] == "search"
+    rc = main(["eval", str(llama_family["base"]), "kind=mcq,path=" + str(files / "nope.jsonl")])
+    assert rc == 2 and "nope.jsonl" in capsys.readouterr().err
