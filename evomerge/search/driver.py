@@ -33,6 +33,7 @@ from evomerge.search.progress import Progress, QuietProgress
 from evomerge.store import HEARTBEAT_SECONDS, RunStore, TrialRecord, worker_alive
 
 WAIT_POLL_SECONDS = 0.2
+STALE_CHECK_SECONDS = 5.0
 
 
 @dataclass
@@ -253,6 +254,8 @@ class _Session:
 
     def loop(self, n_obj: int) -> str:
         while True:
+            if self.opt.parallel_safe and self.opt.generation > 0:
+                self.store.fail_stale_trials()  # a peer worker died: its trials must not stay RUNNING
             finished = self._refresh()
             if finished >= self.max_trials:
                 return "max_trials"
@@ -329,6 +332,7 @@ class _Session:
             return self.index[key]
         if not self.opt.parallel_safe:  # exclusive lock: this process wrote every trial it sees
             return None
+        last_check = time.monotonic()
         while True:
             owner = self.store.claim(key, trial)
             if owner == trial.number:
@@ -341,6 +345,9 @@ class _Session:
                 continue
             if self._time_up():
                 return None
+            if time.monotonic() - last_check > STALE_CHECK_SECONDS:  # owner on another host: heartbeats tell
+                self.store.fail_stale_trials()
+                last_check = time.monotonic()
             time.sleep(WAIT_POLL_SECONDS)
 
     def _finish_duplicate(self, trial: optuna.trial.Trial, orig: TrialRecord) -> None:

@@ -66,6 +66,7 @@ class Optimizer(ABC):
         self.popsize = int(popsize) if popsize is not None else default_popsize(dim)
         self.generation = 0
         self.study: optuna.Study | None = None
+        self._own_study = False  # True when no run store gave us a study (stand-alone use)
 
     # -- study binding -------------------------------------------------------------------------
     def bind(self, study: optuna.Study) -> None:
@@ -80,6 +81,7 @@ class Optimizer(ABC):
                     sampler=optuna.samplers.RandomSampler(seed=self.seed),
                 )
             )
+            self._own_study = True
         assert self.study is not None
         return self.study
 
@@ -114,7 +116,10 @@ class Optimizer(ABC):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
     def _tell_study(self, values: Sequence[float | Sequence[float]], trials: Sequence[optuna.trial.Trial]) -> None:
-        """Finish trials nobody else finished (stand-alone use); the driver's store finishes them first."""
+        """Finish the trials in stand-alone use; under a run store the store finishes them (with
+        their records) before `tell`."""
+        if not self._own_study:
+            return
         study = self._ensure_study()
         for trial, v in zip(trials, values):
             vals = _as_values(v, self.n_objectives)

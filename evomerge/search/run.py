@@ -235,7 +235,12 @@ def finish_run(ctx: RunContext, store: RunStore, *, quiet: bool = True) -> dict:
 
 
 def _score(ctx: RunContext, model, split: str) -> dict[str, Any]:
-    result = ctx.evaluator(split).evaluate(model)
+    try:
+        result = ctx.evaluator(split).evaluate(model)
+    except EvomergeError:
+        raise
+    except Exception as exc:  # a held-out row that fails is reported, not fatal: the search results stand
+        return {"mean": float("nan"), "error": f"{type(exc).__name__}: {exc}"}
     row: dict[str, Any] = {}
     for task, metrics in result.metrics.items():
         spec = next(s for s in ctx.space.tasks if s.name == task)
