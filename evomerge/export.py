@@ -66,12 +66,17 @@ class ShardWriter:
         self.current_bytes = 0
         self.shards: list[list[str]] = []
         self.total = 0
+        self._ptrs: set[int] = set()
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         nbytes = tensor.numel() * tensor.element_size()
         if self.current and self.current_bytes + nbytes > self.max:
             self._flush()
-        self.current[name] = tensor.detach().to("cpu").contiguous()
+        tensor = tensor.detach().to("cpu").contiguous()
+        if tensor.untyped_storage().data_ptr() in self._ptrs:  # a layer used twice: safetensors wants own memory
+            tensor = tensor.clone()
+        self._ptrs.add(tensor.untyped_storage().data_ptr())
+        self.current[name] = tensor
         self.current_bytes += nbytes
         self.total += nbytes
 
@@ -80,6 +85,7 @@ class ShardWriter:
         save_file(self.current, str(self.folder / f"shard-{idx:05d}.tmp"), metadata={"format": "pt"})
         self.shards.append(list(self.current))
         self.current, self.current_bytes = {}, 0
+        self._ptrs: set[int] = set()
 
     def close(self) -> list[str]:
         if self.current or not self.shards:

@@ -45,8 +45,8 @@ class SliceSource(BaseModel):
     @field_validator("layer_range")
     @classmethod
     def _ordered(cls, v: tuple[int, int]) -> tuple[int, int]:
-        if v[0] < 0 or v[1] <= v[0]:
-            raise ValueError(f"layer_range must be [start, end) with 0 <= start < end, got {list(v)}")
+        if v[0] < 0 or v[1] < v[0]:  # [k, k] is an empty slice (mergekit uses it to pick embed/norm sources)
+            raise ValueError(f"layer_range must be [start, end) with 0 <= start <= end, got {list(v)}")
         return v
 
 

@@ -6,6 +6,8 @@ position before it. We do the same arithmetic, faster:
 - rows are sorted by length and packed to a token budget;
 - when every choice of a question is one token (KMMLU letters), the question is ONE row and all choices are
   read at its last position;
+- rows that share a long token prefix (the few-shot block of a category, the context of multi-token choices)
+  run that prefix once; its KV cache is repeated over a batch of the rows' suffixes;
 - the decoder body runs once per batch, and the LM head + log-softmax run only at scored positions
   (never the full vocabulary at every position); no Python loop per token or per item at scoring time.
 """
@@ -27,6 +29,18 @@ class _Batch:
     read_pos: torch.Tensor  # [R] index into the S scored positions
     read_tok: torch.Tensor  # [R] token whose log-prob is read
     read_ans: torch.Tensor  # [R] global answer (request) index the read belongs to
+    prefix: torch.Tensor | None = None  # [1, P] shared prefix whose KV cache every row continues
+
+
+def _common_prefix(seqs: list[list[int]]) -> int:
+    first = seqs[0]
+    n = min(len(x) for x in seqs)
+    for other in seqs[1:]:
+        k = 0
+        while k < n and other[k] == first[k]:
+            k += 1
+        n = k
+    return n
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -69,17 +83,20 @@ def model_parts(model):
 class LoglikPlan:
     """Pre-tokenized requests laid out into device batches; `run(model)` -> log-likelihood per request.
 
-    `requests` is a list of groups; a group is (context_ids, [continuation_ids, ...]) sharing one context.
-    Returned log-likelihoods are in flattened group order (group 0's continuations first).
+    `groups` is a list of (context_ids, [continuation_ids, ...]) sharing one context. Returned log-likelihoods are
+    in flattened group order (group 0's continuations first). `keys` (one per group, optional) says which groups
+    may share a prefix (e.g. the same few-shot block); rows of one group always may.
     """
 
     def __init__(self, groups: list[tuple[list[int], list[list[int]]]], *, pad_id: int, device: str | torch.device = "cpu",
-                 batch_tokens: int = 16384, max_length: int | None = None, source: str = ""):
+                 batch_tokens: int = 16384, max_length: int | None = None, source: str = "",
+                 keys: list | None = None, share_prefix: bool = True, min_prefix: int = 16):
         self.n_answers = sum(len(c) for _, c in groups)
         self.device = torch.device(device)
-        rows = []  # (input_ids, scored positions, reads [(pos_k, tok, ans)])
+        rows = []  # (input_ids, scored positions, reads [(pos_k, tok, ans)], prefix key)
         ans = 0
-        for ctx, conts in groups:
+        for g, (ctx, conts) in enumerate(groups):
+            key = (0, keys[g]) if keys is not None and keys[g] is not None else (1, g)
             if any(len(c) == 0 for c in conts):
                 raise DataError("a continuation tokenizes to nothing", file=source)
             if not ctx:
@@ -87,32 +104,55 @@ class LoglikPlan:
             if all(len(c) == 1 for c in conts):
                 inp = list(ctx)
                 reads = [(0, c[0], ans + j) for j, c in enumerate(conts)]
-                rows.append((inp, [len(ctx) - 1], reads))
+                rows.append((inp, [len(ctx) - 1], reads, key))
             else:
                 for j, c in enumerate(conts):
                     full = list(ctx) + list(c)
                     inp = full[:-1]
                     start = len(ctx) - 1
-                    rows.append((inp, list(range(start, start + len(c))), [(k, t, ans + j) for k, t in enumerate(c)]))
+                    rows.append((inp, list(range(start, start + len(c))), [(k, t, ans + j) for k, t in enumerate(c)],
+                                 key))
             ans += len(conts)
         if max_length is not None:  # left-truncate like lm-eval (keeps the scored tail)
             cut_rows = []
-            for inp, pos, reads in rows:
+            for inp, pos, reads, key in rows:
                 cut = max(0, len(inp) - max_length)
-                cut_rows.append((inp[cut:], [p - cut for p in pos], reads))
+                cut_rows.append((inp[cut:], [p - cut for p in pos], reads, key))
             rows = cut_rows
-        rows.sort(key=lambda r: -len(r[0]))
+        # rows sharing a key and a long common token prefix: prefix once, suffixes batched on its KV cache
+        by_key: dict = {}
+        for r in rows:
+            by_key.setdefault(r[3], []).append(r)
+        flat, shared = [], []
+        for members in by_key.values():
+            p = 0
+            if share_prefix and len(members) > 1:
+                p = min(_common_prefix([m[0] for m in members]), min(min(m[1]) for m in members))
+            if p >= min_prefix:
+                shared.append((members[0][0][:p], [(m[0][p:], [q - p for q in m[1]], m[2]) for m in members]))
+            else:
+                flat.extend(m[:3] for m in members)
         self.batches: list[_Batch] = []
+        self._pack(flat, None, batch_tokens, pad_id)
+        for prefix, members in shared:
+            self._pack(members, prefix, batch_tokens, pad_id)
+        self.n_tokens = sum(len(r[0]) for r in flat) + sum(len(p) + sum(len(m[0]) for m in ms) for p, ms in shared)
+
+    def _pack(self, rows, prefix, batch_tokens: int, pad_id: int) -> None:
+        """Length-sorted batches of at most `batch_tokens` (prefix length counted per row for its attention)."""
+        rows = sorted(rows, key=lambda r: -len(r[0]))
+        extra = len(prefix) if prefix is not None else 0
+        if prefix is not None:  # one tensor per prefix: the run loop computes its KV cache once
+            prefix = torch.tensor([list(prefix)], dtype=torch.long, device=self.device)
         i = 0
         while i < len(rows):
             length = len(rows[i][0])
-            n = max(1, batch_tokens // max(length, 1))
+            n = max(1, batch_tokens // max(length + extra // 4, 1))
             chunk = rows[i:i + n]
             i += n
-            self.batches.append(self._make_batch(chunk, length, pad_id))
-        self.n_tokens = sum(len(r[0]) for r in rows)
+            self.batches.append(self._make_batch(chunk, length, pad_id, prefix))
 
-    def _make_batch(self, chunk, length: int, pad_id: int) -> _Batch:
+    def _make_batch(self, chunk, length: int, pad_id: int, prefix=None) -> _Batch:
         ids = torch.full((len(chunk), length), pad_id, dtype=torch.long)
         row_idx, pos_idx, read_pos, read_tok, read_ans = [], [], [], [], []
         for b, (inp, pos, reads) in enumerate(chunk):
@@ -125,19 +165,31 @@ class LoglikPlan:
                 read_tok.append(tok)
                 read_ans.append(a)
         t = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
-        return _Batch(ids.to(self.device), t(row_idx), t(pos_idx), t(read_pos), t(read_tok), t(read_ans))
+        return _Batch(ids.to(self.device), t(row_idx), t(pos_idx), t(read_pos), t(read_tok), t(read_ans), prefix)
 
     @torch.inference_mode()
     def run(self, model) -> torch.Tensor:
         """Float64 CPU tensor [n_answers]: summed log-probability of each continuation."""
+        import copy
+
         body, head = model_parts(model)
         out = torch.zeros(self.n_answers, dtype=torch.float64, device=self.device)
+        prefix_cache = {}  # one forward per distinct prefix (batches of one prefix are consecutive)
         for b in self.batches:
+            kw = {"use_cache": False}
+            if b.prefix is not None:
+                pid = b.prefix.data_ptr()
+                if pid not in prefix_cache:
+                    prefix_cache.clear()
+                    prefix_cache[pid] = (body or model)(input_ids=b.prefix, use_cache=True).past_key_values
+                cache = copy.deepcopy(prefix_cache[pid])
+                cache.batch_repeat_interleave(b.input_ids.shape[0])
+                kw = {"use_cache": True, "past_key_values": cache}
             if body is not None:
-                hidden = body(input_ids=b.input_ids, use_cache=False).last_hidden_state
+                hidden = body(input_ids=b.input_ids, **kw).last_hidden_state
                 logits = head(hidden[b.row_idx, b.pos_idx])  # [S, V]: only the scored positions
             else:
-                logits = model(input_ids=b.input_ids, use_cache=False).logits[b.row_idx, b.pos_idx]
+                logits = model(input_ids=b.input_ids, **kw).logits[b.row_idx, b.pos_idx]
             logp = torch.log_softmax(logits.float(), dim=-1)
             vals = logp[b.read_pos, b.read_tok].double()
             out.index_add_(0, b.read_ans, vals)

@@ -61,7 +61,8 @@ def select_items(spec: TaskSpec, items: list, split: str, source: str) -> list:
 
 
 def _contexts(spec: TaskSpec, items: list, tokenizer, base_dir) -> tuple[list[str], str]:
-    """The full context string of each item (few-shot block, prompt, optional chat template) and the delimiter."""
+    """The full context string of each item (few-shot block, prompt, optional chat template), the delimiter,
+    and the ids of each item's few-shot examples."""
     pool: list = []
     if spec.num_fewshot:
         if spec.fewshot_path:
@@ -72,31 +73,37 @@ def _contexts(spec: TaskSpec, items: list, tokenizer, base_dir) -> tuple[list[st
             raise DataError(f"num_fewshot={spec.num_fewshot} but the few-shot file has {len(pool)} items",
                             file=spec.fewshot_path or spec.dataset, key="num_fewshot")
     delim = spec.target_delimiter if spec.kind != "generation" else ""
-    ctxs = []
+    ctxs, shot_ids = [], []
     for it in items:
-        text = prompts.fewshot_prefix(spec.kind, prompts.pick_shots(it, pool, spec.num_fewshot), delim)
+        chosen = prompts.pick_shots(it, pool, spec.num_fewshot)
+        shot_ids.append(tuple(s.id for s in chosen))
+        text = prompts.fewshot_prefix(spec.kind, chosen, delim)
         text += prompts.item_prompt(spec.kind, it)
         if spec.chat_template:
             text = prompts.apply_chat(tokenizer, text)
         ctxs.append(text)
     # lm-eval drops the delimiter under a chat template (the assistant turn is already open)
-    return ctxs, ("" if spec.chat_template else delim)
+    return ctxs, ("" if spec.chat_template else delim), shot_ids
 
 
 class MCQTask(PreparedTask):
     """KMMLU / generic multiple choice by log-likelihood: acc, acc_norm (per character), loss."""
 
     def __init__(self, spec: TaskSpec, items: list[MCQItem], tokenizer, *, device, batch_tokens: int, base_dir=None,
-                 max_length: int | None = None):
+                 max_length: int | None = None, share_prefix: bool = True):
         self.spec, self.items = spec, items
         self.ids = [it.id for it in items]
-        ctxs, delim = _contexts(spec, items, tokenizer, base_dir)
-        groups = []
-        for ctx, it in zip(ctxs, items):
+        ctxs, delim, shots = _contexts(spec, items, tokenizer, base_dir)
+        groups, keys = [], []
+        for ctx, it, sh in zip(ctxs, items, shots):
             enc = [encode_pair(tokenizer, ctx, delim + c) for c in it.choices]
             groups.append((enc[0][0], [e[1] for e in enc]))
+            # which questions may share a prefix (KV cache computed once): those with the same few-shot block;
+            # zero-shot single-token questions all may (a chat template's system turn); else only one question's rows
+            single = all(len(e[1]) == 1 for e in enc)
+            keys.append(("shots", sh) if spec.num_fewshot else ("all",) if single else None)
         self.plan = LoglikPlan(groups, pad_id=_pad_id(tokenizer), device=device, batch_tokens=batch_tokens,
-                               max_length=max_length, source=_source(spec))
+                               max_length=max_length, source=_source(spec), keys=keys, share_prefix=share_prefix)
         n_c = [len(it.choices) for it in items]
         c_max = max(n_c)
         # [N, Cmax] gather index into the flat answer vector (padding points at a dummy -inf slot)
@@ -136,7 +143,7 @@ class GenerationTask(PreparedTask):
                  max_length: int | None = None):
         self.spec, self.items, self.tokenizer = spec, items, tokenizer
         self.ids = [it.id for it in items]
-        ctxs, _ = _contexts(spec, items, tokenizer, base_dir)
+        ctxs, _, _ = _contexts(spec, items, tokenizer, base_dir)
         prompt_ids = [tokenizer(c)["input_ids"] for c in ctxs]
         self.plan = GenPlan(prompt_ids, tokenizer, max_new_tokens=spec.max_new_tokens, stop=spec.stop, device=device,
                             batch_tokens=batch_tokens)
@@ -270,15 +277,17 @@ class CustomTask(PreparedTask):
 
 
 def prepare_task(spec: TaskSpec, tokenizer, *, split: str, device="cpu", batch_tokens: int = 16384, base_dir=None,
-                 max_length: int | None = None) -> PreparedTask:
+                 max_length: int | None = None, share_prefix: bool = True) -> PreparedTask:
     """Read, split and tokenize one task."""
     if spec.kind in ("kmmlu", "mcq", "generation"):
         items = load_items(spec.kind, path=spec.path, dataset=spec.dataset, subjects=spec.subjects, split=spec.split,
                            base_dir=base_dir)
         chosen = select_items(spec, items, split, _source(spec))
-        cls = GenerationTask if spec.kind == "generation" else MCQTask
-        return cls(spec, chosen, tokenizer, device=device, batch_tokens=batch_tokens, base_dir=base_dir,
-                   max_length=max_length)
+        if spec.kind == "generation":
+            return GenerationTask(spec, chosen, tokenizer, device=device, batch_tokens=batch_tokens, base_dir=base_dir,
+                                  max_length=max_length)
+        return MCQTask(spec, chosen, tokenizer, device=device, batch_tokens=batch_tokens, base_dir=base_dir,
+                       max_length=max_length, share_prefix=share_prefix)
     if spec.kind == "lm_eval":
         return LmEvalTask(spec, tokenizer, split=split, base_dir=base_dir)
     return CustomTask(spec, tokenizer, base_dir=base_dir)

@@ -56,7 +56,7 @@ class RunContext:
 
 
 def build_context(space: SearchSpace, text: str, *, source: str, base_dir: Path,
-                  refs: dict[str, str] | None = None, load: bool = True) -> RunContext:
+                  refs: dict[str, str] | None = None, load: bool = True, run_dir: Path | None = None) -> RunContext:
     """Resolve models, build the genome space; with `load`, hold weights resident and tokenize the tasks."""
     from evomerge.models.loading import open_model
 
@@ -70,21 +70,20 @@ def build_context(space: SearchSpace, text: str, *, source: str, base_dir: Path,
     if space.stacking is not None:
         from evomerge.search.stack_space import StackSpace
 
-        pspace = StackSpace(space, refs, sources, source=source)
+        pspace = StackSpace(space, refs, sources, source=source, run_dir=run_dir, base_dir=base_dir)
     else:
         _check_same_architecture(space, sources, source)
         n_layers = sources[space.base_model or next(iter(sources))].num_layers()
         pspace = ParameterSpace(space, refs, n_layers, source=source)
     ctx = RunContext(space, text, source, base_dir, refs, pspace)
     if load:
-        ctx.tokenizer = sources[pspace_target(space)].tokenizer()
+        target = pspace.sources[pspace.target_index] if space.stacking is not None else sources[pspace_target(space)]
+        ctx.tokenizer = target.tokenizer()
         ctx.merger = pspace.make_merger(sources) if hasattr(pspace, "make_merger") else _resident(ctx, sources)
     return ctx
 
 
 def pspace_target(space: SearchSpace) -> str:
-    if space.stacking is not None and space.stacking.target:
-        return space.stacking.target
     if space.chat_vector:
         return space.chat_vector.target
     return space.base_model or next(iter(space.models))
@@ -168,7 +167,14 @@ def start_run(space_path: str | Path, *, run_dir: str | Path | None = None, over
     run_dir = Path(run_dir) if run_dir else default_run_dir(space)
     if max_trials is not None:
         space.budget.trials = _positive_trials(max_trials, str(space_path))
-    ctx = build_context(space, text, source=str(space_path), base_dir=base_dir)
+    if RunStore.exists(run_dir):
+        if not overwrite:  # fail before loading any weights
+            RunStore.create(run_dir, text, directions=["maximize"], overwrite=False)
+        import shutil
+
+        for stale in ("ps_model", "pareto"):
+            shutil.rmtree(run_dir / stale, ignore_errors=True)
+    ctx = build_context(space, text, source=str(space_path), base_dir=base_dir, run_dir=run_dir)
     meta = {"space_file": str(Path(space_path).resolve()), "base_dir": str(base_dir), "refs": ctx.refs,
             "dim": ctx.pspace.dim}
     store = RunStore.create(run_dir, text, directions=ctx.directions, meta=meta, overwrite=overwrite)
@@ -185,7 +191,8 @@ def resume_run(run_dir: str | Path, *, quiet: bool = False, max_trials: int | No
     if max_trials is not None:
         space.budget.trials = _positive_trials(max_trials, source)
     meta = store.meta
-    ctx = build_context(space, text, source=source, base_dir=Path(meta["base_dir"]), refs=meta["refs"])
+    ctx = build_context(space, text, source=source, base_dir=Path(meta["base_dir"]), refs=meta["refs"],
+                        run_dir=run_dir)
     if ctx.pspace.dim != meta["dim"]:
         raise ConfigError(f"the search space now has {ctx.pspace.dim} genes, the run {meta['dim']}", file=source)
     return _search_and_finish(ctx, store, quiet=quiet)
@@ -284,8 +291,7 @@ def heldout_rows(ctx: RunContext, best: list) -> list[dict[str, Any]]:
                         | {"search_mean": round(chosen_score, 4)})
         del mergers
     for rank, rec in enumerate(best):
-        recipe = Recipe.from_yaml(rec.recipe_yaml) if rec.recipe_yaml else ctx.pspace.decode(rec.genome)
-        model = ctx.merger.merge(recipe)
+        model = ctx.merger.merge(ctx.pspace.decode(np.asarray(rec.genome)))
         rows.append({"name": f"evolved #{rank + 1} (trial {rec.number})"} | _score(ctx, model, "heldout")
                     | {"search_fitness": round(float(rec.values[0]), 4)})
     return rows

@@ -35,7 +35,7 @@ def files(tmp_path_factory):
         f.write("question,A,B,C,D,answer,Category\nwhat is 1+1?,2,3,4,5,1,x\nwhat is 2+2?,3,4,5,6,2,y\n")
     with open(d / "m.jsonl", "w") as f:
         for i in range(12):
-            f.write(json.dumps({"question": f"pick {i}:", "choices": ["aa", "b", "cccc"], "answer": i % 3,
+            f.write(json.dumps({"question": f"pick the right one, number {i}:", "choices": ["aa", "b", "cccc"], "answer": i % 3,
                                 "category": "ab"[i % 2]}) + "\n")
     with open(d / "g.jsonl", "w") as f:
         for i in range(16):
@@ -100,12 +100,29 @@ def test_fewshot_prompt_uses_dev_items(tiny, files):
     _, tok = tiny
     spec = TaskSpec(name="k", kind="kmmlu", path=str(files / "k.csv"), num_fewshot=2,
                     fewshot_path=str(files / "dev.csv"), target_delimiter="")
-    ev = Evaluator([spec], tok, split="all")
+    ev = Evaluator([spec], tok, split="all", share_prefix=False)
     zero = Evaluator([TaskSpec(name="k", kind="kmmlu", path=str(files / "k.csv"), target_delimiter="")], tok,
                      split="all")
     shot = "what is 1+1?\nA. 2\nB. 3\nC. 4\nD. 5\n정답：A\n\nwhat is 2+2?\nA. 3\nB. 4\nC. 5\nD. 6\n정답：B\n\n"
     extra = len(tok(shot, add_special_tokens=False)["input_ids"])
     assert ev.tasks["k"].plan.n_tokens == zero.tasks["k"].plan.n_tokens + extra * 24
+
+
+def test_shared_prefix_scores_equal_unshared(tiny, files):
+    """k-shot blocks and multi-token choices run their common prefix once (KV cache reused): same numbers."""
+    model, tok = tiny
+    specs = [TaskSpec(name="k", kind="kmmlu", path=str(files / "k.csv"), num_fewshot=2,
+                      fewshot_path=str(files / "dev.csv")),
+             TaskSpec(name="m", kind="mcq", path=str(files / "m.jsonl"))]
+    shared = Evaluator(specs, tok, split="all", batch_tokens=256)
+    plain = Evaluator(specs, tok, split="all", batch_tokens=256, share_prefix=False)
+    for t in ("k", "m"):
+        assert any(b.prefix is not None for b in shared.tasks[t].plan.batches)
+        assert shared.tasks[t].plan.n_tokens < plain.tasks[t].plan.n_tokens
+    a, b = shared.evaluate(model, per_item=True), plain.evaluate(model, per_item=True)
+    for t in ("k", "m"):
+        for i, d in a.per_item[t].items():
+            assert d["loglik"] == pytest.approx(b.per_item[t][i]["loglik"], rel=1e-5, abs=1e-6)
 
 
 def test_generation_batched_equals_generate(tiny, files):

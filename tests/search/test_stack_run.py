@@ -1,0 +1,155 @@
+"""Layer-stacking searches end to end on tiny models (CPU): DFS, PS+DFS with kill -9 and resume, DUS; the
+exported passthrough recipe reproduces the live stacked model through `evomerge merge` and mergekit."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from evomerge.errors import ConfigError
+from evomerge.recipe import Recipe
+from evomerge.store import RunStore
+from tests.search.test_run import _finished, _mcq_file, _trial_table
+
+
+def _space(fam, tmp_path, stacking: dict, **over):
+    data = {
+        "name": "stack",
+        "models": {k: str(v) for k, v in fam.items() if k in ("a", "b")},
+        "merge_method": None,
+        "stacking": stacking,
+        "tasks": [{"name": "add", "kind": "mcq", "path": str(_mcq_file(tmp_path / "mcq.jsonl")), "n_search": 8,
+                   "n_heldout": 8, "loss_tiebreak": 0.01}],
+        "optimizer": {"name": "cmaes", "popsize": 4},
+        "budget": {"trials": 6},
+        "heldout": {"top_k": 1, "sources": True, "baselines": False},
+        "seed": 1,
+        "run_dir": str(tmp_path / "run"),
+    } | over
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_dfs_search_end_to_end_and_export_matches_live(llama_family, tmp_path):
+    from evomerge.config import load_search_space
+    from evomerge.export import materialize
+    from evomerge.search.run import build_context, start_run
+
+    path = _space(llama_family, tmp_path, {"mode": "dfs", "models": ["a", "b"], "target": "a", "repeats": 2,
+                                          "max_length": 8, "scale_range": [0.7, 1.3]})
+    run = start_run(path, quiet=True)
+    trials = [t for t in RunStore.open(run).trials() if t.finished]
+    assert len(trials) == 6 and all(t.status == "ok" for t in trials)
+    best = Recipe.load(run / "best.yaml")
+    assert best.merge_method == "passthrough"
+    assert (run / "report" / "layer_params_heatmap.png").exists()
+
+    # a random candidate: live stacked model vs evomerge merge vs mergekit of its exported recipe
+    space, text = load_search_space(path)
+    ctx = build_context(space, text, source=str(path), base_dir=tmp_path)
+    genome = np.random.default_rng(5).random(ctx.pspace.dim)
+    cand = ctx.pspace.decode(genome)
+    assert len(set(cand.path)) < len(cand.path) or len(cand.path) > 2  # a real path through several layers
+    live = ctx.merger.merge(cand)
+    out = materialize(cand.recipe, tmp_path / "ours", progress=False)
+    ours = AutoModelForCausalLM.from_pretrained(out).eval()
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    run_merge(MergeConfiguration.model_validate(yaml.safe_load(cand.to_yaml())), str(tmp_path / "mk"),
+              options=MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False))
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "mk").eval()
+    ids = torch.tensor([[5, 9, 14, 30, 31, 40, 7]])
+    with torch.no_grad():
+        a, b, c = live(ids).logits, ours(ids).logits, theirs(ids).logits
+    assert torch.allclose(b, c, atol=1e-6)  # evomerge merge == mergekit, exactly
+    # folded vs scaled forward: equal up to the norm eps (tiny random models, eps 1e-6; see DESIGN.md)
+    assert ((a - b).abs().max() / a.abs().max()) < 1e-2
+
+
+def _ps_recipe(fam, tmp_path):
+    path = tmp_path / "ps.yaml"
+    path.write_text(yaml.safe_dump({
+        "merge_method": "ties", "base_model": str(fam["base"]),
+        "models": [{"model": str(fam["a"]), "parameters": {"weight": 0.6, "density": 0.5}},
+                   {"model": str(fam["c"]), "parameters": {"weight": 0.4, "density": 0.7}}],
+        "dtype": "float32"}))
+    return path
+
+
+def test_ps_plus_dfs_kill_9_and_resume(llama_family, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    stacking = {"mode": "dfs", "models": ["b"], "repeats": 1, "max_length": 8,
+                "ps_recipe": str(_ps_recipe(llama_family, tmp_path))}
+    budget = {"trials": 10}
+    (tmp_path / "a").mkdir()
+    space_a = _space(llama_family, tmp_path / "a", stacking, budget=budget,
+                     heldout={"sources": False, "baselines": False})
+    run_a = tmp_path / "a" / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "evomerge", "run", str(space_a), "--quiet"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while _finished(run_a / "study.db") < 4 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read().decode()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = _trial_table(run_a)
+    assert 4 <= len(before) < 10
+    assert (run_a / "ps_model" / "config.json").exists()
+    res = subprocess.run([sys.executable, "-m", "evomerge", "resume", str(run_a), "--quiet"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    after = _trial_table(run_a)
+    assert after[: len(before)] == before and len(after) == 10
+    best = Recipe.load(run_a / "best.yaml")
+    assert str((run_a / "ps_model").resolve()) in best.referenced_models()
+
+    (tmp_path / "b").mkdir()
+    space_b = _space(llama_family, tmp_path / "b", stacking, budget=budget,
+                     heldout={"sources": False, "baselines": False})
+    res = subprocess.run([sys.executable, "-m", "evomerge", "run", str(space_b), "--quiet"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert [(g, v) for _, g, v in after] == [(g, v) for _, g, v in _trial_table(tmp_path / "b" / "run")]
+
+
+@pytest.mark.parametrize("drop", [None, 1])
+def test_dus_search_and_fixed_dus(drop, llama_family, tmp_path):
+    from evomerge.search.run import start_run
+
+    stacking = {"mode": "dus", "target": "a"} | ({"drop": drop} if drop else {})
+    run = start_run(_space(llama_family, tmp_path, stacking, budget={"trials": 4}), quiet=True)
+    best = Recipe.load(run / "best.yaml")
+    n_layers = sum(s.sources[0].layer_range[1] - s.sources[0].layer_range[0] for s in best.slices)
+    if drop:
+        assert n_layers == 2 * 4 - 2 * drop
+        trials = [t for t in RunStore.open(run).trials() if t.finished]
+        assert sum(t.duplicate_of is None for t in trials) == 1  # the one recipe, scored once
+    else:
+        assert 4 <= n_layers <= 8
+
+
+def test_stacking_bad_input(llama_family, tmp_path):
+    from evomerge.models.tiny import char_tokenizer, random_model, save_model, tiny_config
+    from evomerge.search.run import start_run
+
+    with pytest.raises(ConfigError, match="max_len"):
+        start_run(_space(llama_family, tmp_path, {"mode": "dfs", "max_length": 1}), quiet=True)
+    tok = char_tokenizer()
+    narrow = save_model(random_model(tiny_config("llama", vocab_size=len(tok), hidden=32)), tok, tmp_path / "narrow")
+    fam = {"a": llama_family["a"], "b": narrow}
+    with pytest.raises(ConfigError, match="stacking.models"):
+        start_run(_space(fam, tmp_path, {"mode": "dfs"}), quiet=True)
+    assert not (tmp_path / "run" / "study.db").exists()
