@@ -7,6 +7,7 @@ Model references may be paths relative to the YAML file, Hugging Face ids, or GG
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Literal, Union
 
@@ -181,7 +182,7 @@ def parse_search_space(text: str, *, source: str) -> SearchSpace:
     if not isinstance(data, dict):
         raise ConfigError("a search space must be a YAML mapping", file=source)
     try:
-        return SearchSpace.model_validate(data)
+        return _expand_paths(SearchSpace.model_validate(data))
     except ValidationError as exc:
         err = exc.errors()[0]
         key = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "union[", "list[", "tuple[")))
@@ -193,3 +194,17 @@ def parse_search_space(text: str, *, source: str) -> SearchSpace:
 
 def config_digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _expand(ref: str) -> str:
+    return os.path.expanduser(os.path.expandvars(ref))
+
+
+def _expand_paths(space: SearchSpace) -> SearchSpace:
+    """`${VAR}` and `~` in model references, task files and recipe paths (the demo points at its zoo so)."""
+    space.models = {k: _expand(v) for k, v in space.models.items()}
+    space.tasks = [t.model_copy(update={"path": _expand(t.path)}) if t.path else t for t in space.tasks]
+    space.seed_recipes = [_expand(p) for p in space.seed_recipes]
+    if space.stacking is not None and space.stacking.ps_recipe:
+        space.stacking.ps_recipe = _expand(space.stacking.ps_recipe)
+    return space

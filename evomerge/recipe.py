@@ -176,7 +176,28 @@ class Recipe(BaseModel):
         path = Path(path)
         if not path.is_file():
             raise ConfigError("recipe file not found", file=str(path))
-        return cls.from_yaml(path.read_text(), source=str(path))
+        return cls.from_yaml(path.read_text(), source=str(path)).expand_refs()
+
+    def expand_refs(self) -> "Recipe":
+        """`${VAR}` and `~` in model references expanded (hand-written recipes may point at $EVOMERGE_ZOO)."""
+        import os
+
+        def fix(ref: str | None) -> str | None:
+            return os.path.expanduser(os.path.expandvars(ref)) if ref else ref
+
+        data = self.model_dump()
+        data["base_model"] = fix(data["base_model"])
+        for m in data.get("models") or []:
+            m["model"] = fix(m["model"])
+        for sl in data.get("slices") or []:
+            sl["base_model"] = fix(sl.get("base_model"))
+            for src in sl["sources"]:
+                src["model"] = fix(src["model"])
+        if data.get("tokenizer_source") not in (None, "base", "union"):
+            data["tokenizer_source"] = fix(data["tokenizer_source"])
+        if data.get("evomerge"):
+            data["evomerge"]["target_model"] = fix(data["evomerge"].get("target_model"))
+        return type(self).model_validate(data)
 
 
 DTYPES = ("float32", "float16", "bfloat16")

@@ -22,11 +22,12 @@ from evomerge.errors import ConfigError, DataError
 
 SPLITS = ("train", "search", "heldout")
 
-# Letters used by the sort and count tasks (count uses few letters so counts above one are common).
+# Letters used by the sort and count tasks. Count draws 10 letters from 8 so repeats are common; with 9 from 6 the
+# base learned counting almost perfectly (0.94) and the count expert had nothing left to add to a merge.
 SORT_LETTERS = "abcdefghijklmnopqrstuvwxyz"
 SORT_LENGTH = 8
-COUNT_LETTERS = "abcdef"
-COUNT_LENGTH = 9
+COUNT_LETTERS = "abcdefgh"
+COUNT_LENGTH = 10
 
 
 @dataclass(frozen=True)

@@ -328,3 +328,25 @@ def _fresh(path: Path) -> Path:
 def _fmt(scores: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
 
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m evomerge.demo.zoo ROOT [--seed N] [--base-steps N] [--expert-steps N] [--force]`."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m evomerge.demo.zoo", description=main.__doc__)
+    ap.add_argument("root", type=Path)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--base-steps", type=int, default=500)
+    ap.add_argument("--expert-steps", type=int, default=300)
+    ap.add_argument("--force", action="store_true", help="rebuild even when a matching cache exists")
+    args = ap.parse_args(argv)
+    zoo = build_zoo(args.root, seed=args.seed, base_steps=args.base_steps, expert_steps=args.expert_steps,
+                    force=args.force)
+    for name, sc in zoo.scores.items():
+        print(f"{name:14s} {_fmt(sc)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
