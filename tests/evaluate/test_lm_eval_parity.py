@@ -116,7 +116,7 @@ def test_choice_text_mcq_matches_lm_eval(smol, lm_eval_run):
 def test_generation_matches_plain_generate_loop(smol):
     model, tok = smol
     spec = TaskSpec(name="g", kind="generation", path=str(DATA / "math_mgsm_style.jsonl"), stop=["\n"],
-                    max_new_tokens=12, n_search=10, seed=3)
+                    max_new_tokens=12, n_search=8, seed=3)
     ev = Evaluator([spec], tok, split="search", batch_tokens=1024)
     res = ev.evaluate(model, per_item=True)
     rows = {r["id"]: r for r in map(json.loads, (DATA / "math_mgsm_style.jsonl").read_text().splitlines())}
