@@ -11,11 +11,11 @@ import os
 from pathlib import Path
 from typing import Literal, Union
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from evomerge.errors import ConfigError
 from evomerge.evaluate.spec import TaskSpec
+from evomerge.yamlio import load_mapping, validate
 
 SEARCH_METHODS = ("ties", "dare_ties", "dare_linear", "task_arithmetic", "linear", "slerp", "della", "della_linear",
                   "breadcrumbs", "breadcrumbs_ties")
@@ -173,23 +173,8 @@ def load_search_space(path: str | Path) -> tuple[SearchSpace, str]:
 
 
 def parse_search_space(text: str, *, source: str) -> SearchSpace:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"malformed YAML{line}: {getattr(exc, 'problem', exc)}", file=source) from None
-    if not isinstance(data, dict):
-        raise ConfigError("a search space must be a YAML mapping", file=source)
-    try:
-        return _expand_paths(SearchSpace.model_validate(data))
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        key = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "union[", "list[", "tuple[")))
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        raise ConfigError(msg, file=source, key=key or None) from None
+    data = load_mapping(text, source=source, what="a search space")
+    return _expand_paths(validate(SearchSpace, data, source=source))
 
 
 def config_digest(text: str) -> str:

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from evomerge.errors import ConfigError
+from evomerge.yamlio import load_mapping, validate
 
 Scalar = Union[bool, int, float, str]
 ScalarOrGradient = Union[Scalar, list[Scalar]]
@@ -156,20 +157,11 @@ class Recipe(BaseModel):
     def from_dict(cls, data: Any, *, source: str = "<recipe>") -> "Recipe":
         if not isinstance(data, dict):
             raise ConfigError("a recipe must be a YAML mapping", file=source)
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            raise _config_error(exc, source) from None
+        return validate(cls, data, source=source)
 
     @classmethod
     def from_yaml(cls, text: str, *, source: str = "<recipe>") -> "Recipe":
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            where = getattr(exc, "problem_mark", None)
-            line = f" at line {where.line + 1}" if where is not None else ""
-            raise ConfigError(f"malformed YAML{line}: {getattr(exc, 'problem', exc)}", file=source) from None
-        return cls.from_dict(data, source=source)
+        return cls.from_dict(load_mapping(text, source=source, what="a recipe"), source=source)
 
     @classmethod
     def load(cls, path: str | Path) -> "Recipe":
@@ -201,16 +193,6 @@ class Recipe(BaseModel):
 
 
 DTYPES = ("float32", "float16", "bfloat16")
-
-
-def _config_error(exc: ValidationError, source: str) -> ConfigError:
-    """Turn pydantic's report into one line: file, dotted key, what is wrong."""
-    err = exc.errors()[0]
-    key = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-after", "union[", "list[", "tuple[")))
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        msg = "unknown key"
-    return ConfigError(msg, file=source, key=key or None)
 
 
 class _RecipeDumper(yaml.SafeDumper):

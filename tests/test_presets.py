@@ -45,7 +45,7 @@ def test_preset_recipes_parse(recipe, fake_zoo):
 
 @pytest.mark.parametrize("edit,key", [
     (("merge_method: ties", "merge_method: tie"), "merge_method"),
-    (("density: {range: [0.1, 1.0]}", "density: {range: [0.0, 1.0]}"), "parameters.density.range"),
+    (("density: {range: [0.4, 1.0]}", "density: {range: [0.0, 1.0]}"), "parameters.density.range"),
     (("budget: {trials: 96}", "budget: {trials: 0}"), "budget.trials"),
     (("optimizer: {name: cmaes}", "optimizer: {name: hillclimb}"), "optimizer.name"),
     (("granularity: layer", "granularity: layr"), "granularity"),

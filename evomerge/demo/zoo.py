@@ -25,7 +25,7 @@ import torch
 from evomerge.demo.tasks import TASKS, Item, check_tasks, generate_splits, read_jsonl, task_spec, write_task_files
 from evomerge.errors import ConfigError
 
-ZOO_VERSION = 1
+ZOO_VERSION = 2  # bump when training changes, so stale caches rebuild
 MANIFEST = "manifest.json"
 ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789+=:"  # covers every task string; ids: 4 specials + these
 
@@ -77,15 +77,15 @@ def encode_items(tokenizer, items: Sequence[Item]) -> tuple[torch.Tensor, torch.
     return ids, lab
 
 
-def answer_loss(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the labelled (answer + EOS) positions.
+def answer_loss(model, ids: torch.Tensor, labels: torch.Tensor, *, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy over the labelled (answer + EOS) positions ("mean" or "sum").
 
     Right padding sits after EOS, so causal attention never lets it influence a labelled position and no
     attention mask is needed; positions start at 0 for every row, as at generation time.
     """
     logits = model(input_ids=ids).logits[:, :-1].float()
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                             ignore_index=-100)
+                                             ignore_index=-100, reduction=reduction)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -169,6 +169,7 @@ def train(model, tokenizer, items_by_task: dict[str, Sequence[Item]], *, steps: 
     gen = torch.Generator().manual_seed(seed)
     tasks = list(items_by_task)
     encoded = {t: encode_items(tokenizer, its) for t, its in items_by_task.items()}
+    lengths = {t: (ids != tokenizer.pad_token_id).sum(1) for t, (ids, _) in encoded.items()}
     per_task = [batch_size // len(tasks) + (1 if i < batch_size % len(tasks) else 0) for i in range(len(tasks))]
     orders = {t: torch.randperm(len(items_by_task[t]), generator=gen) for t in tasks}
     cursor = {t: 0 for t in tasks}
@@ -176,21 +177,23 @@ def train(model, tokenizer, items_by_task: dict[str, Sequence[Item]], *, steps: 
     model.train()
     t0, running = time.perf_counter(), None
     for step in range(1, steps + 1):
-        parts_ids, parts_lab = [], []
+        parts = []
         for t, n in zip(tasks, per_task):
             if cursor[t] + n > len(orders[t]):
                 orders[t], cursor[t] = torch.randperm(len(items_by_task[t]), generator=gen), 0
             sel = orders[t][cursor[t] : cursor[t] + n]
             cursor[t] += n
-            parts_ids.append(encoded[t][0][sel])
-            parts_lab.append(encoded[t][1][sel])
-        width = max(p.shape[1] for p in parts_ids)
-        ids = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=tokenizer.pad_token_id)
-                         for p in parts_ids])
-        lab = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=-100) for p in parts_lab])
-        loss = answer_loss(model, ids, lab)
+            width = int(lengths[t][sel].max())  # trim the padding this batch does not need
+            parts.append((encoded[t][0][sel, :width], encoded[t][1][sel, :width]))
+        # One forward per task (each at its own width, about 25% less work than padding the mix to one width),
+        # gradients accumulated so the loss is still the mean over every labelled token of the whole batch.
+        n_labels = sum(int((lab[:, 1:] != -100).sum()) for _, lab in parts)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = torch.zeros(())
+        for ids, lab in parts:
+            part = answer_loss(model, ids, lab, reduction="sum") / n_labels
+            part.backward()
+            loss += part.detach()
         opt.step()
         value = float(loss.detach())
         running = value if running is None else 0.9 * running + 0.1 * value

@@ -6,10 +6,11 @@ plus ``loss`` = mean negative answer log-likelihood when it is available), per_i
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
+import random
 import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -173,60 +174,134 @@ class GenerationTask(PreparedTask):
         return metrics, per_item
 
 
+@functools.lru_cache(maxsize=4)
+def _task_manager(include: str | None, include_defaults: bool):
+    """lm-eval's TaskManager, built once per process and folder: indexing the built-in tasks takes seconds."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include, include_defaults=include_defaults)
+
+
 class LmEvalTask(PreparedTask):
-    """Any lm-eval task, run on the in-memory model through lm-eval's HFLM, with lm-eval's own metrics."""
+    """Any lm-eval task (by name, or a local task YAML), scored with lm-eval's own requests, filters and metrics
+    on the in-memory model (HFLM wrapping the live model: no save / reload).
+
+    Built once per Evaluator: the TaskManager (a local YAML's folder only, without indexing lm-eval's built-in
+    tasks), the Task objects with their loaded documents, the doc subset of the split. Each `score` runs
+    `lm_eval.evaluator.evaluate` on those prebuilt tasks with ``samples=`` = the split's doc ids, i.e. what
+    `simple_evaluate` does minus its per-call task building, seeding of the global RNGs (ours are saved and
+    restored) and environment report (collect_env, git). A group (e.g. ``mmlu``) is scored leaf by leaf,
+    stratified by leaf, and its metrics are averaged over the scored docs (lm-eval's ``weight_by_size``).
+    """
+
+    FEWSHOT_SEED = 1234  # simple_evaluate's default fewshot_random_seed
 
     def __init__(self, spec: TaskSpec, tokenizer, *, split: str, base_dir=None, batch_size: int = 16):
-        from lm_eval.tasks import TaskManager, get_task_dict
-
         self.spec, self.tokenizer, self.batch_size = spec, tokenizer, batch_size
-        include = None
         name = spec.lm_eval_task
         where = spec.lm_eval_yaml or "lm_eval_task"
         if spec.lm_eval_yaml:
             yml = resolve_path(spec.lm_eval_yaml, base_dir)
             if not yml.is_file():
                 raise ConfigError("lm-eval task YAML not found", file=str(yml), key="lm_eval_yaml")
-            include = str(yml.parent)
             if name is None:
                 import yaml
 
-                name = (yaml.safe_load(yml.read_text(encoding="utf-8")) or {}).get("task")
-                if not name:
+                try:
+                    # lm-eval YAMLs may carry tags such as `!function utils.x`: ignore them for the name
+                    loader = type("_L", (yaml.SafeLoader,), {})
+                    loader.add_multi_constructor("", lambda *a: None)
+                    name = (yaml.load(yml.read_text(encoding="utf-8"), Loader=loader) or {}).get("task")
+                except yaml.YAMLError as exc:
+                    raise ConfigError(f"not a valid YAML file: {exc}", file=str(yml), key="lm_eval_yaml") from exc
+                if not name or not isinstance(name, str):
                     raise ConfigError("the YAML has no `task:` name", file=str(yml), key="task")
-        self.tm = TaskManager(include_path=include) if include else TaskManager()
+            self.tm = _task_manager(str(yml.parent), False)
+            if name not in self.tm.all_tasks:  # the YAML may name a built-in task or group
+                self.tm = _task_manager(str(yml.parent), True)
+        else:
+            self.tm = _task_manager(None, True)
         if name not in self.tm.all_tasks:
             close = [t for t in self.tm.all_tasks if name.split("_")[0] in t][:5]
             raise ConfigError(f"unknown lm-eval task '{name}'", file=where, key="lm_eval_task",
                               allowed=("e.g. " + ", ".join(close)) if close else "a name from `lm-eval ls tasks` or a local YAML")
         self.name = name
         try:
-            task = get_task_dict([name], self.tm)[name]
-            n_docs = len(list(task.eval_docs))
+            loaded = self.tm.load([name])
+            self.leaves = dict(sorted(loaded["tasks"].items()))
+            n_docs = {leaf: len(task.eval_docs) for leaf, task in self.leaves.items()}
         except Exception as exc:
             raise DataError(f"lm-eval could not load the data of task '{name}': {type(exc).__name__}: "
                             f"{str(exc).splitlines()[0][:200] if str(exc) else ''}", file=where, key="lm_eval_task") from exc
-        pseudo = [GenItem(str(i), "", "", "all") for i in range(n_docs)]
+        for task in self.leaves.values():  # what simple_evaluate applies to each task before evaluating
+            if spec.num_fewshot and task.get_config("num_fewshot") != 0:
+                task.set_config(key="num_fewshot", value=spec.num_fewshot)
+            elif task.get_config("num_fewshot") is None:
+                task.set_config(key="num_fewshot", value=0)
+        multi = len(self.leaves) > 1
+        pseudo = [GenItem(f"{leaf}/{i}" if multi else str(i), "", "", leaf)
+                  for leaf, n in n_docs.items() for i in range(n)]
         chosen = select_items(spec, pseudo, split, where)
         self.ids = [it.id for it in chosen]
-        self.indices = sorted(int(i) for i in self.ids)
+        self.samples: dict[str, list[int]] = {}
+        for it in chosen:
+            self.samples.setdefault(it.category, []).append(int(it.id.rsplit("/", 1)[-1]))
+        for leaf in self.samples:  # lm-eval maps its k-th selected doc back to samples[k]: must be ascending
+            self.samples[leaf].sort()
+        self._lm = None
+
+    def _hflm(self, model):
+        """One HFLM per live model (a search merges in place into the same model object)."""
+        if self._lm is None or self._lm._model is not model:
+            from lm_eval.models.huggingface import HFLM
+
+            self._lm = HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=self.batch_size)
+        return self._lm
 
     def score(self, model):
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
+        from lm_eval.evaluator import evaluate
 
-        lm = HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=self.batch_size)
-        out = lm_eval.simple_evaluate(model=lm, tasks=[self.name], task_manager=self.tm,
-                                      samples={self.name: self.indices}, log_samples=False, bootstrap_iters=0,
-                                      num_fewshot=self.spec.num_fewshot or None,
-                                      apply_chat_template=self.spec.chat_template, verbosity="ERROR")
-        res = out["results"][self.name]
-        metrics = {}
-        for key, v in res.items():
-            if "," in key and "stderr" not in key and isinstance(v, (int, float)):
-                metric, filt = key.split(",", 1)
-                metrics[metric if filt == "none" or metric not in metrics else f"{metric},{filt}"] = float(v)
-        return metrics, {}
+        lm = self._hflm(model)
+        tasks = {leaf: self.leaves[leaf] for leaf in self.samples}
+        state = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+        try:  # simple_evaluate's seeds, so sampled few-shot examples (and anything random) repeat per call
+            random.seed(0)
+            np.random.seed(1234)
+            torch.manual_seed(1234)
+            for task in tasks.values():
+                task.set_fewshot_seed(seed=self.FEWSHOT_SEED)
+            out = evaluate(lm=lm, task_dict={"tasks": tasks, "groups": {}, "group_map": {}}, samples=self.samples,
+                           bootstrap_iters=0, log_samples=True, apply_chat_template=self.spec.chat_template,
+                           fewshot_as_multiturn=True)
+        finally:
+            random.setstate(state[0])
+            np.random.set_state(state[1])
+            torch.random.set_rng_state(state[2])
+        multi = len(self.leaves) > 1
+        per_leaf: dict[str, dict[str, float]] = {}
+        for leaf in tasks:
+            m: dict[str, float] = {}
+            for key, v in out["results"][leaf].items():
+                if "," in key and "_stderr" not in key and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    metric, filt = key.split(",", 1)
+                    m[metric if filt == "none" or metric not in m else f"{metric},{filt}"] = float(v)
+            per_leaf[leaf] = m
+        if multi:  # size-weighted mean over leaves (+ each leaf's own metrics)
+            sizes = {leaf: len(self.samples[leaf]) for leaf in tasks}
+            total = sum(sizes.values())
+            common = set.intersection(*(set(m) for m in per_leaf.values()))
+            metrics = {k: sum(per_leaf[leaf][k] * sizes[leaf] for leaf in tasks) / total for k in sorted(common)}
+            for leaf, m in per_leaf.items():
+                metrics.update({f"{leaf}/{k}": v for k, v in m.items()})
+        else:
+            metrics = per_leaf[self.name] if self.name in per_leaf else next(iter(per_leaf.values()))
+        per_item: dict[str, Any] = {}
+        for leaf in tasks:
+            for s in out.get("samples", {}).get(leaf, []):
+                item_id = f"{leaf}/{s['doc_id']}" if multi else str(s["doc_id"])
+                d = per_item.setdefault(item_id, {"resps": [r for r in s["filtered_resps"]]})
+                d.update({k: s[k] for k in s["metrics"] if k in s})
+        return metrics, per_item
 
 
 def import_function(ref: str, base_dir=None):

@@ -169,7 +169,7 @@ def test_rich_progress_reports_trials_generations_and_failures(tmp_path):
     out = buf.getvalue()
     assert "trial 1 failed: non-finite fitness [nan]" in out
     assert "generation 0: best" in out and "generation 1: best" in out
-    assert f"12 finished trials, 12 evaluated now (1 failed" in out and f"best #{s.best.number}" in out
+    assert "12 finished trials, 12 evaluated now (1 failed" in out and f"best #{s.best.number}" in out
     assert progress.stats.session_trials == 12 and progress.stats.eta() == 0.0
 
 

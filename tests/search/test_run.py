@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from safetensors.torch import load_file
 
@@ -232,3 +231,26 @@ def test_resume_refuses_an_edited_config(llama_family, tmp_path):
     with pytest.raises(ConfigError, match="config.yaml"):
         resume_run(run, quiet=True)
     assert _trial_table(run) == before
+
+
+def test_multi_objective_search_writes_the_pareto_set(llama_family, tmp_path):
+    from evomerge.search.run import start_run
+
+    mcq = str(_mcq_file(tmp_path / "mcq.jsonl"))
+    tasks = [{"name": "odd", "kind": "mcq", "path": mcq, "n_search": 6, "n_heldout": 6, "seed": 1,
+              "loss_tiebreak": 0.01},
+             {"name": "even", "kind": "mcq", "path": mcq, "n_search": 6, "n_heldout": 6, "seed": 2,
+              "loss_tiebreak": 0.01}]
+    run = start_run(_space(llama_family, tmp_path, tasks=tasks, objectives="vector",
+                           optimizer={"name": "nsga2", "popsize": 4},
+                           heldout={"top_k": 1, "sources": False, "baselines": False}), quiet=True)
+    store = RunStore.open(run)
+    assert store.directions == ["maximize", "maximize"]
+    front = store.pareto()
+    files = sorted((run / "pareto").glob("*.yaml"))
+    assert len(files) == len(front) >= 1
+    for rec in front:  # nothing in the run dominates a Pareto member
+        for other in store.trials():
+            if other.finished and other.values:
+                assert not all(o >= v for o, v in zip(other.values, rec.values)) or other.values == rec.values
+    Recipe.load(files[0])
