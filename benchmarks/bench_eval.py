@@ -1,13 +1,19 @@
-"""Items per second of our scorer vs lm-eval 0.4.x on the same model and items, in one run.
+"""Items per second of our scorer vs lm-eval 0.4.x on the same model and items, zero-shot and k-shot, in one run.
 
-    python benchmarks/bench_eval.py                       # SmolLM2-135M (GGUF wheel), CPU, KMMLU demo file
-    python benchmarks/bench_eval.py --fewshot 2           # k-shot from the dev file
+    python benchmarks/bench_eval.py                       # SmolLM2-135M (GGUF wheel), CPU, 0-shot and 5-shot
+    python benchmarks/bench_eval.py --shots 0 --reps 3
     python benchmarks/bench_eval.py --random-llama-1b --device cuda --dtype bfloat16 --repeat 40
 
-Both sides score the same KMMLU-format items by log-likelihood of the answer letter. lm-eval is timed the way
-a search would call it per candidate (HFLM over the in-memory model + simple_evaluate with a prebuilt
-TaskManager), and separately at its model level (pre-built requests straight to `HFLM.loglikelihood`).
-Our figure is `Evaluator.evaluate` after the one-time tokenization (which is reported too).
+Both sides score the same KMMLU-format items (evomerge/data/tasks/kmmlu_ko_demo.csv, shots from kmmlu_ko_dev.csv)
+by log-likelihood of the answer letter, with the same prompts: lm-eval gets one task per category whose dev split
+lists that category's shots first (KMMLU's protocol: k shots from the subject's dev set; the demo dev file has 2 a
+category, so 5-shot tops up from the other categories exactly as our `pick_shots` does), `first_n` sampler.
+Timed per call, as a search would call it per candidate, after one warm-up of ours:
+- ours: `Evaluator.evaluate(model)` (tokenized once at construction; that time is printed too);
+- lm-eval end to end: `simple_evaluate` with an HFLM over the in-memory model and a prebuilt TaskManager;
+- lm-eval model level: the same requests, prebuilt once, straight to `HFLM.loglikelihood`.
+Wall time is best of `--reps`; CPU time (this process) is printed too, as the machine may be shared. The
+per-request log-likelihoods of ours and lm-eval's model level are compared (max relative difference).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DATA = ROOT / "evomerge" / "data" / "tasks"
 
-YAML = """task: kmmlu_bench
+YAML = """task: {name}
 dataset_path: json
 dataset_kwargs:
   data_files:
@@ -47,6 +53,8 @@ doc_to_choice: ["A", "B", "C", "D"]
 doc_to_target: "{{{{answer-1}}}}"
 metric_list:
   - metric: acc
+    aggregation: mean
+    higher_is_better: true
 """
 
 
@@ -72,26 +80,98 @@ def load(args):
     return model.eval(), tok
 
 
-def jsonl_copy(src: Path, dst: Path, repeat: int) -> int:
-    rows = list(csv.DictReader(src.read_text(encoding="utf-8").splitlines()))
-    n = 0
-    with open(dst, "w", encoding="utf-8") as f:
-        for r in range(repeat):
-            for row in rows:
-                f.write(json.dumps(dict(row, id=f"{row['id']}-{r}", answer=int(row["answer"])), ensure_ascii=False) + "\n")
-                n += 1
-    return n
+def rows_of(path: Path) -> list[dict]:
+    return [dict(r, answer=int(r["answer"])) for r in csv.DictReader(path.read_text(encoding="utf-8").splitlines())]
 
 
-def timed(fn, reps: int, sync) -> float:
-    best = float("inf")
-    for _ in range(reps):
-        sync()
-        t = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - t)
-    return best
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def write_tasks(d: Path, repeat: int) -> tuple[list[str], int]:
+    """Our files (all.jsonl, dev.jsonl) and one lm-eval task per category with the same items and shot order."""
+    test = [dict(r, id=f"{r['id']}-{k}") for k in range(repeat) for r in rows_of(DATA / "kmmlu_ko_demo.csv")]
+    dev = rows_of(DATA / "kmmlu_ko_dev.csv")
+    write_jsonl(d / "all.jsonl", test)
+    write_jsonl(d / "dev.jsonl", dev)
+    names = []
+    for i, cat in enumerate(dict.fromkeys(r["Category"] for r in test)):
+        name = f"kmmlu_bench_{i}"
+        write_jsonl(d / f"{name}_test.jsonl", [r for r in test if r["Category"] == cat])
+        # evomerge.evaluate.prompts.pick_shots: same category first, then the others in file order
+        write_jsonl(d / f"{name}_dev.jsonl", [r for r in dev if r["Category"] == cat] +
+                    [r for r in dev if r["Category"] != cat])
+        (d / f"{name}.yaml").write_text(YAML.format(name=name, test=d / f"{name}_test.jsonl",
+                                                    dev=d / f"{name}_dev.jsonl"), encoding="utf-8")
+        names.append(name)
+    return names, len(test)
+
+
+def clock(fn, sync) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one call."""
+    sync()
+    w, c = time.perf_counter(), time.process_time()
+    fn()
+    sync()
+    return time.perf_counter() - w, time.process_time() - c
+
+
+def bench_protocol(shots: int, args, model, tok, d: Path, names: list[str], n: int, sync) -> dict:
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from evomerge.evaluate.evaluator import Evaluator
+    from evomerge.evaluate.spec import TaskSpec
+
+    spec = TaskSpec(name="kmmlu", kind="kmmlu", path=str(d / "all.jsonl"), num_fewshot=shots,
+                    fewshot_path=str(d / "dev.jsonl") if shots else None)
+    t = time.perf_counter()
+    ev = Evaluator([spec], tok, split="all", device=args.device, batch_tokens=args.batch_tokens)
+    prep = time.perf_counter() - t
+    plan = ev.tasks["kmmlu"].plan
+    warm = ev.evaluate(model, per_item=True)  # warm-up; also the per-item log-likelihoods for the check
+
+    tm = TaskManager(include_path=str(d), include_defaults=False)
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=args.lm_eval_batch_size, device=args.device)
+    res: dict = {}
+
+    def lm_eval_call():
+        res["out"] = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=tm, num_fewshot=shots,
+                                             log_samples=False, bootstrap_iters=0)
+
+    # lm-eval's model level: the same requests, built once (as simple_evaluate builds them)
+    tasks = tm.load(names)["tasks"]
+    reqs = []
+    for task in tasks.values():
+        task.set_config(key="num_fewshot", value=shots)
+        task.set_fewshot_seed(seed=1234)
+        task.build_all_requests(limit=None, rank=0, world_size=1)
+        reqs += task.instances
+
+    def lm_eval_model():
+        res["lls"] = lm.loglikelihood(reqs, disable_tqdm=True)
+
+    times: dict[str, list[tuple[float, float]]] = {"ours": [], "se": [], "ll": []}
+    for _ in range(args.reps):  # interleaved, so a busy spell of the machine hits all three alike
+        times["ours"].append(clock(lambda: ev.evaluate(model), sync))
+        times["se"].append(clock(lm_eval_call, sync))
+        times["ll"].append(clock(lm_eval_model, sync))
+
+    # the same numbers? our per-request log-likelihoods vs lm-eval's model level
+    theirs: dict[str, list[float]] = {}
+    for inst, (ll, _) in zip(reqs, res["lls"]):
+        theirs.setdefault(inst.doc["id"], [0.0] * 4)[inst.idx] = ll
+    worst = 0.0
+    for item_id, d_ in warm.per_item["kmmlu"].items():
+        for a, b in zip(d_["loglik"], theirs[item_id]):
+            worst = max(worst, abs(a - b) / max(abs(b), 1e-9))
+    results = res["out"]["results"]
+    their_acc = sum(results[t]["acc,none"] * len(tasks[t].eval_docs) for t in names) / n
+    best = {k: (min(w for w, _ in v), min(c for _, c in v)) for k, v in times.items()}
+    return {"shots": shots, "prep": prep, "tokens": plan.n_tokens, "padded": plan.n_padded,
+            "batches": len(plan.batches), "prefixes": sum(1 for _ in {id(b.prefix) for b in plan.batches if b.prefix is not None}),
+            "acc": (warm.metrics["kmmlu"]["acc"], their_acc), "max_rel_diff": worst, "best": best}
 
 
 def main() -> None:
@@ -99,9 +179,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--random-llama-1b", action="store_true", help="random-weight ~1.1B Llama (for GPUs)")
-    ap.add_argument("--fewshot", type=int, default=0, help="k-shot from the dev file (first k of the category)")
+    ap.add_argument("--shots", default="0,5", help="comma-separated k-shot settings (default: 0,5)")
     ap.add_argument("--repeat", type=int, default=1, help="repeat the 40 demo items this many times")
-    ap.add_argument("--reps", type=int, default=2, help="timing repetitions (best is reported)")
+    ap.add_argument("--reps", type=int, default=1, help="timed calls of each side (best is reported)")
     ap.add_argument("--batch-tokens", type=int, default=None, help="our token budget (default: 4096 cpu, 65536 gpu)")
     ap.add_argument("--lm-eval-batch-size", type=int, default=None, help="lm-eval batch size (default: 1 cpu, 32 gpu)")
     ap.add_argument("--threads", type=int, default=1)
@@ -109,63 +189,36 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    bt = args.batch_tokens or (65536 if cuda else 4096)
-    lbs = args.lm_eval_batch_size or (32 if cuda else 1)
+    args.batch_tokens = args.batch_tokens or (65536 if cuda else 4096)
+    args.lm_eval_batch_size = args.lm_eval_batch_size or (32 if cuda else 1)
+    import logging
 
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager, get_task_dict
-
-    from evomerge.evaluate.evaluator import Evaluator
-    from evomerge.evaluate.spec import TaskSpec
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
 
     model, tok = load(args)
     n_params = sum(p.numel() for p in model.parameters())
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
-        n = jsonl_copy(DATA / "kmmlu_ko_demo.csv", d / "test.jsonl", args.repeat)
-        jsonl_copy(DATA / "kmmlu_ko_dev.csv", d / "dev.jsonl", 1)
-        (d / "kmmlu_bench.yaml").write_text(YAML.format(test=d / "test.jsonl", dev=d / "dev.jsonl"), encoding="utf-8")
+        names, n = write_tasks(d, args.repeat)
+        out = [bench_protocol(int(k), args, model, tok, d, names, n, sync) for k in args.shots.split(",")]
 
-        spec = TaskSpec(name="kmmlu", kind="kmmlu", path=str(d / "test.jsonl"), num_fewshot=args.fewshot,
-                        fewshot_path=str(d / "dev.jsonl") if args.fewshot else None)
-        t = time.perf_counter()
-        ev = Evaluator([spec], tok, split="all", device=args.device, batch_tokens=bt)
-        prep = time.perf_counter() - t
-        plan = ev.tasks["kmmlu"].plan
-        ev.evaluate(model)  # warm-up
-        ours = timed(lambda: ev.evaluate(model), args.reps, sync)
-        our_acc = ev.evaluate(model).metrics["kmmlu"]["acc"]
-
-        tm = TaskManager(include_path=str(d))
-        lm = HFLM(pretrained=model, tokenizer=tok, batch_size=lbs, device=args.device)
-        res = {}
-
-        def lm_eval_call():
-            res["out"] = lm_eval.simple_evaluate(model=lm, tasks=["kmmlu_bench"], task_manager=tm,
-                                                 num_fewshot=args.fewshot or None, log_samples=False,
-                                                 bootstrap_iters=0, verbosity="ERROR")
-
-        lm_eval_call()  # warm-up (dataset cache)
-        theirs = timed(lm_eval_call, args.reps, sync)
-        their_acc = res["out"]["results"]["kmmlu_bench"]["acc,none"]
-
-        # lm-eval's model level only: the same requests, already built
-        task = get_task_dict(["kmmlu_bench"], tm)["kmmlu_bench"]
-        if args.fewshot:
-            task.set_config("num_fewshot", args.fewshot)
-        task.build_all_requests(limit=None, rank=0, world_size=1)
-        reqs = [r for inst in task.instances for r in [inst]]
-        theirs_model = timed(lambda: lm.loglikelihood(reqs, disable_tqdm=True), args.reps, sync)
-
-    print(f"model: {'random Llama' if args.random_llama_1b else 'SmolLM2-135M-Instruct'} {n_params / 1e6:.0f}M params, "
-          f"{args.dtype}, {args.device}, {torch.get_num_threads()} thread(s)")
-    print(f"items: {n} KMMLU-format questions, {args.fewshot}-shot; ours: {plan.n_tokens} tokens in "
-          f"{len(plan.batches)} batches (budget {bt}), tokenized once in {prep:.2f} s; lm-eval batch size {lbs}")
-    print(f"acc: ours {our_acc:.4f}  lm-eval {their_acc:.4f}")
-    print(f"ours                      {n / ours:8.2f} items/s  ({ours:.2f} s)")
-    print(f"lm-eval simple_evaluate   {n / theirs:8.2f} items/s  ({theirs:.2f} s)  -> ours x{theirs / ours:.2f}")
-    print(f"lm-eval loglikelihood()   {n / theirs_model:8.2f} items/s  ({theirs_model:.2f} s)  -> ours x{theirs_model / ours:.2f}")
+    print(f"\nmodel: {'random Llama' if args.random_llama_1b else 'SmolLM2-135M-Instruct'} {n_params / 1e6:.0f}M params, "
+          f"{args.dtype}, {args.device}, {torch.get_num_threads()} thread(s); {n} KMMLU-format questions; "
+          f"our batch budget {args.batch_tokens} tokens, lm-eval batch size {args.lm_eval_batch_size}; "
+          f"best of {args.reps} call(s)")
+    for r in out:
+        print(f"\n{r['shots']}-shot: ours {r['tokens']} tokens (+{r['padded']} padding) in {r['batches']} batches, "
+              f"{r['prefixes']} shared prefixes, tokenized once in {r['prep']:.2f} s; acc ours {r['acc'][0]:.4f} "
+              f"lm-eval {r['acc'][1]:.4f}; max rel. log-likelihood diff {r['max_rel_diff']:.1e}")
+        ow, oc = r["best"]["ours"]
+        print(f"  {'':28s} {'items/s':>8s} {'wall s':>7s} {'ratio':>6s} | {'cpu s':>6s} {'ratio':>6s}")
+        for key, label in (("ours", "ours Evaluator.evaluate"), ("se", "lm-eval simple_evaluate"),
+                           ("ll", "lm-eval HFLM.loglikelihood")):
+            w, c = r["best"][key]
+            ratio = "" if key == "ours" else f"x{w / ow:.2f}"
+            cratio = "" if key == "ours" else f"x{c / oc:.2f}"
+            print(f"  {label:28s} {n / w:8.2f} {w:7.2f} {ratio:>6s} | {c:6.2f} {cratio:>6s}")
+    print("\nratio = lm-eval time / our time (ours is that many times faster)")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ def default_zoo_dir() -> Path:
 
 
 def run_demo(*, zoo_dir: str | Path | None = None, run_dir: str | Path = "runs/demo", seed: int = 0,
-             trials: int | None = None, quiet: bool = False, space: str | Path | None = None) -> dict:
+             trials: int | None = None, quiet: bool = False, space: str | Path | None = None,
+             zoo_settings: dict | None = None) -> dict:
     """Returns the held-out rows and the verdict (does the evolved recipe beat every parent and baseline?)."""
     import torch
 
@@ -28,7 +29,7 @@ def run_demo(*, zoo_dir: str | Path | None = None, run_dir: str | Path = "runs/d
         raise ConfigError("the demo preset is missing (install evomerge from a source checkout: pip install -e .)",
                           file=str(space))
     torch.set_num_threads(1)  # fastest on a busy 2-core machine for models this small (DESIGN.md)
-    zoo = build_zoo(Path(zoo_dir) if zoo_dir else default_zoo_dir(), seed=seed)
+    zoo = build_zoo(Path(zoo_dir) if zoo_dir else default_zoo_dir(), seed=seed, **(zoo_settings or {}))
     os.environ["EVOMERGE_ZOO"] = str(zoo.root.resolve())
     run = start_run(space, run_dir=run_dir, overwrite=True, quiet=quiet, max_trials=trials)
     rows = json.loads((Path(run) / "heldout.json").read_text())["rows"]

@@ -16,13 +16,21 @@ import copy
 import json
 import shutil
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import torch
 
-from evomerge.demo.tasks import TASKS, Item, check_tasks, generate_splits, read_jsonl, task_spec, write_task_files
+from evomerge.demo.tasks import (
+    TASKS,
+    Item,
+    check_tasks,
+    generate_splits,
+    read_jsonl,
+    task_spec,
+    write_task_files,
+)
 from evomerge.errors import ConfigError
 
 ZOO_VERSION = 2  # bump when training changes, so stale caches rebuild
@@ -225,7 +233,9 @@ def load_zoo(root: str | Path) -> Zoo | None:
         base = root / man["base"]
         experts = {t: root / p for t, p in man["experts"].items()}
         tasks = {s: {t: root / p for t, p in by.items()} for s, by in man["tasks"].items()}
-    except (KeyError, AttributeError, TypeError):
+        settings, scores = dict(man["settings"]), dict(man.get("scores", {}))
+        build_seconds = float(man.get("build_seconds", 0.0))
+    except (KeyError, AttributeError, TypeError, ValueError):
         return None
     for folder in [base, *experts.values()]:
         if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")) \
@@ -233,8 +243,8 @@ def load_zoo(root: str | Path) -> Zoo | None:
             return None
     if not all(p.is_file() for by in tasks.values() for p in by.values()):
         return None
-    return Zoo(root=root, base=base, experts=experts, tasks=tasks, settings=man["settings"],
-               scores=man.get("scores", {}), reused=True, build_seconds=float(man.get("build_seconds", 0.0)))
+    return Zoo(root=root, base=base, experts=experts, tasks=tasks, settings=settings, scores=scores, reused=True,
+               build_seconds=build_seconds)
 
 
 def build_zoo(root: str | Path, *, seed: int = 0, base_steps: int = 500, expert_steps: int = 300,
@@ -254,10 +264,13 @@ def build_zoo(root: str | Path, *, seed: int = 0, base_steps: int = 500, expert_
     missing = [e for e in experts if e not in tasks]
     if missing:
         raise ConfigError(f"experts {missing} are not among the base's tasks", key="experts", allowed=", ".join(tasks))
-    for name, v in dict(base_steps=base_steps, expert_steps=expert_steps, batch_size=batch_size,
-                        train_size=train_size, search_size=search_size, heldout_size=heldout_size).items():
+    positive = {"base_steps": base_steps, "expert_steps": expert_steps, "batch_size": batch_size,
+                "train_size": train_size, "search_size": search_size, "heldout_size": heldout_size}
+    for name, v in positive.items():
         if int(v) < 1:
             raise ConfigError(f"must be a positive integer, got {v}", key=name)
+    if batch_size < len(tasks):
+        raise ConfigError(f"{batch_size} is smaller than the number of tasks ({len(tasks)})", key="batch_size")
     settings = _settings(seed=seed, base_steps=base_steps, expert_steps=expert_steps, experts=experts, tasks=tasks,
                          base_lr=base_lr, expert_lr=expert_lr, batch_size=batch_size, train_size=train_size,
                          search_size=search_size, heldout_size=heldout_size, layers=layers, hidden=hidden,

@@ -37,7 +37,7 @@ class Evaluator:
     def __init__(self, specs: list[TaskSpec], tokenizer, *, split: Literal["search", "heldout", "all"] = "search",
                  device: str | torch.device = "cpu", batch_tokens: int = 16384,
                  objectives: Literal["weighted", "vector"] = "weighted", base_dir: str | Path | None = None,
-                 max_length: int | None = None, share_prefix: bool = True):
+                 max_length: int | None = None, share_prefix: bool = True, max_padding: float | None = None):
         if split not in ("search", "heldout", "all"):
             raise ConfigError(f"unknown split '{split}'", key="split", allowed="search, heldout, all")
         if objectives not in ("weighted", "vector"):
@@ -53,7 +53,7 @@ class Evaluator:
         self.tokenizer = tokenizer
         self.tasks: dict[str, PreparedTask] = {
             s.name: prepare_task(s, tokenizer, split=split, device=device, batch_tokens=batch_tokens, base_dir=base_dir,
-                                 max_length=max_length, share_prefix=share_prefix)
+                                 max_length=max_length, share_prefix=share_prefix, max_padding=max_padding)
             for s in self.specs
         }
 

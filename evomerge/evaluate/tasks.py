@@ -91,7 +91,7 @@ class MCQTask(PreparedTask):
     """KMMLU / generic multiple choice by log-likelihood: acc, acc_norm (per character), loss."""
 
     def __init__(self, spec: TaskSpec, items: list[MCQItem], tokenizer, *, device, batch_tokens: int, base_dir=None,
-                 max_length: int | None = None, share_prefix: bool = True):
+                 max_length: int | None = None, share_prefix: bool = True, max_padding: float | None = None):
         self.spec, self.items = spec, items
         self.ids = [it.id for it in items]
         ctxs, delim, shots = _contexts(spec, items, tokenizer, base_dir)
@@ -104,7 +104,8 @@ class MCQTask(PreparedTask):
             single = all(len(e[1]) == 1 for e in enc)
             keys.append(("shots", sh) if spec.num_fewshot else ("all",) if single else None)
         self.plan = LoglikPlan(groups, pad_id=_pad_id(tokenizer), device=device, batch_tokens=batch_tokens,
-                               max_length=max_length, source=_source(spec), keys=keys, share_prefix=share_prefix)
+                               max_length=max_length, source=_source(spec), keys=keys, share_prefix=share_prefix,
+                               max_padding=max_padding)
         n_c = [len(it.choices) for it in items]
         c_max = max(n_c)
         # [N, Cmax] gather index into the flat answer vector (padding points at a dummy -inf slot)
@@ -141,7 +142,7 @@ class GenerationTask(PreparedTask):
     """Greedy generation + answer extraction + normalized exact match (and answer log-loss for tie-breaks)."""
 
     def __init__(self, spec: TaskSpec, items: list[GenItem], tokenizer, *, device, batch_tokens: int, base_dir=None,
-                 max_length: int | None = None):
+                 max_length: int | None = None, max_padding: float | None = None):
         self.spec, self.items, self.tokenizer = spec, items, tokenizer
         self.ids = [it.id for it in items]
         ctxs, _, _ = _contexts(spec, items, tokenizer, base_dir)
@@ -159,7 +160,7 @@ class GenerationTask(PreparedTask):
                 groups.append((ctx, [cont + ([eos] if eos is not None else [])]))
             self.n_tok = torch.tensor([len(g[1][0]) for g in groups], dtype=torch.float64)
             self.loss_plan = LoglikPlan(groups, pad_id=_pad_id(tokenizer), device=device, batch_tokens=batch_tokens,
-                                        max_length=max_length, source=_source(spec))
+                                        max_length=max_length, source=_source(spec), max_padding=max_padding)
 
     def score(self, model):
         outputs = self.plan.run(model)
@@ -352,7 +353,8 @@ class CustomTask(PreparedTask):
 
 
 def prepare_task(spec: TaskSpec, tokenizer, *, split: str, device="cpu", batch_tokens: int = 16384, base_dir=None,
-                 max_length: int | None = None, share_prefix: bool = True) -> PreparedTask:
+                 max_length: int | None = None, share_prefix: bool = True,
+                 max_padding: float | None = None) -> PreparedTask:
     """Read, split and tokenize one task."""
     if spec.kind in ("kmmlu", "mcq", "generation"):
         items = load_items(spec.kind, path=spec.path, dataset=spec.dataset, subjects=spec.subjects, split=spec.split,
@@ -360,9 +362,9 @@ def prepare_task(spec: TaskSpec, tokenizer, *, split: str, device="cpu", batch_t
         chosen = select_items(spec, items, split, _source(spec))
         if spec.kind == "generation":
             return GenerationTask(spec, chosen, tokenizer, device=device, batch_tokens=batch_tokens, base_dir=base_dir,
-                                  max_length=max_length)
+                                  max_length=max_length, max_padding=max_padding)
         return MCQTask(spec, chosen, tokenizer, device=device, batch_tokens=batch_tokens, base_dir=base_dir,
-                       max_length=max_length, share_prefix=share_prefix)
+                       max_length=max_length, share_prefix=share_prefix, max_padding=max_padding)
     if spec.kind == "lm_eval":
         return LmEvalTask(spec, tokenizer, split=split, base_dir=base_dir)
     return CustomTask(spec, tokenizer, base_dir=base_dir)

@@ -160,8 +160,16 @@ def default_run_dir(space: SearchSpace) -> Path:
 
 
 # -- entry points -------------------------------------------------------------------------------------
+def _quiet_transformers() -> None:
+    """Per-model 'Loading weights' bars would drown the run's own progress."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def start_run(space_path: str | Path, *, run_dir: str | Path | None = None, overwrite: bool = False,
               quiet: bool = False, max_trials: int | None = None) -> Path:
+    _quiet_transformers()
     space, text = load_search_space(space_path)
     base_dir = Path(space_path).resolve().parent
     run_dir = Path(run_dir) if run_dir else default_run_dir(space)
@@ -183,6 +191,7 @@ def start_run(space_path: str | Path, *, run_dir: str | Path | None = None, over
 
 
 def resume_run(run_dir: str | Path, *, quiet: bool = False, max_trials: int | None = None) -> Path:
+    _quiet_transformers()
     run_dir = Path(run_dir)
     store = RunStore.open(run_dir)
     text = store.config_path.read_text()

@@ -12,8 +12,8 @@ from evomerge.demo import tasks as T
 from evomerge.demo.zoo import build_zoo, encode_items, exact_match, load_zoo
 from evomerge.errors import ConfigError, DataError
 
-SMALL = dict(base_steps=20, expert_steps=10, batch_size=24, train_size=300, search_size=16, heldout_size=24,
-             log_every=10)
+SMALL = {"base_steps": 20, "expert_steps": 10, "batch_size": 24, "train_size": 300, "search_size": 16,
+         "heldout_size": 24, "log_every": 10}
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +121,11 @@ def test_second_call_reuses_cache_and_changed_settings_rebuild(zoo, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ConfigError, match="experts"):
         build_zoo(tmp_path / "bad", experts=("sort",), tasks=("add", "count"))
+    with pytest.raises(ConfigError, match="batch_size"):
+        build_zoo(tmp_path / "bad", batch_size=2)
+    # A truncated manifest or a missing weight file means "not built": load_zoo refuses it.
+    (other.root / "manifest.json").write_text("{}")
+    assert load_zoo(other.root) is None
 
 
 def test_exact_match_scores_a_perfect_and_a_wrong_oracle(zoo):
