@@ -77,7 +77,7 @@ def main() -> None:
                     for r in rows:
                         if r["name"].startswith(("source:", "baseline:")):
                             results.setdefault(r["name"], []).append(r["mean"])
-            print(f"seed {seed} done ({time.time() - t0:.0f}s)", flush=True)
+            print(f"seed {seed} {label} done ({time.time() - t0:.0f}s)", flush=True)
     width = max(len(k) for k in results)
     print(f"\nheld-out mean exact match (sort + count), {len(args.seeds)} seed(s): {args.seeds}")
     print(f"{'model':<{width}}  mean ± std")

@@ -8,7 +8,7 @@ import sys
 
 from evomerge.errors import EvomergeError
 
-COMMANDS = ["merge", "eval", "run", "resume", "report", "export", "validate", "demo", "bench"]
+COMMANDS = ["merge", "eval", "run", "resume", "report", "export", "validate", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,7 +9,9 @@ position before it. We do the same arithmetic, faster:
 - rows that share a long token prefix (the few-shot block of a category, the context of multi-token choices)
   run that prefix once; its KV cache is repeated over a batch of the rows' suffixes;
 - the decoder body runs once per batch, and the LM head + log-softmax run only at scored positions
-  (never the full vocabulary at every position); no Python loop per token or per item at scoring time.
+  (never the full vocabulary at every position), as does the last decoder layer's MLP (a dense `*MLP`
+  module, via forward hooks; not at all during a shared-prefix pass); no Python loop per token or per item
+  at scoring time.
 """
 
 from __future__ import annotations
@@ -80,6 +82,52 @@ def model_parts(model):
     return body, head_fn
 
 
+def last_mlp(model) -> torch.nn.Module | None:
+    """The last decoder layer's dense, position-wise MLP (`layers[-1].mlp`, a `*MLP` class: Llama, Qwen, Mistral,
+    Gemma, Phi-3, ...), or None (MoE blocks, other layouts): its output is only needed at scored positions."""
+    body = getattr(model, "base_model", None)
+    layers = getattr(body, "layers", None)
+    if body is None or body is model or not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
+        return None
+    cfg = getattr(model, "config", None)
+    cfg = getattr(cfg, "text_config", None) or cfg
+    if getattr(cfg, "num_hidden_layers", len(layers)) != len(layers):
+        return None
+    mlp = getattr(layers[-1], "mlp", None)
+    return mlp if isinstance(mlp, torch.nn.Module) and type(mlp).__name__.endswith("MLP") else None
+
+
+class _OnlyAt:
+    """While active, `mlp` runs on the rows (row_idx, pos_idx) of its [B, L, d] input only and returns zeros
+    elsewhere: exact at those positions (the MLP is position-wise), and nothing reads the others (the final norm
+    is position-wise and the head runs at scored positions; KV caches hold each layer's attention inputs)."""
+
+    def __init__(self, mlp: torch.nn.Module | None):
+        self.mlp, self.handles, self.where, self.shape = mlp, [], None, None
+        if mlp is not None:
+            self.handles = [mlp.register_forward_pre_hook(self._pre, with_kwargs=True),
+                            mlp.register_forward_hook(self._post, with_kwargs=True)]
+
+    def _pre(self, mod, args, kwargs):
+        self.shape = None
+        if self.where is None or not args or not isinstance(args[0], torch.Tensor) or args[0].dim() != 3:
+            return None
+        x = args[0]
+        self.shape = x.shape
+        return (x[self.where].unsqueeze(0),) + tuple(args[1:]), kwargs
+
+    def _post(self, mod, args, kwargs, out):
+        if self.shape is None or not isinstance(out, torch.Tensor):
+            return None
+        full = out.new_zeros(self.shape)
+        full[self.where] = out[0]
+        return full
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 class LoglikPlan:
     """Pre-tokenized requests laid out into device batches; `run(model)` -> log-likelihood per request.
 
@@ -99,6 +147,7 @@ class LoglikPlan:
             max_padding = 0.03 if self.device.type == "cpu" else 0.25
         self.max_padding = max_padding
         self.n_padded = 0  # padding tokens over all batches (reported by the benchmark)
+        self.trim_last_mlp = True  # the last layer's MLP only at scored positions (see `_OnlyAt`)
         rows = []  # (input_ids, scored positions, reads [(pos_k, tok, ans)], prefix key)
         ans = 0
         for g, (ctx, conts) in enumerate(groups):
@@ -189,22 +238,29 @@ class LoglikPlan:
         body, head = model_parts(model)
         out = torch.zeros(self.n_answers, dtype=torch.float64, device=self.device)
         prefix_cache = {}  # one forward per distinct prefix (batches of one prefix are consecutive)
-        for b in self.batches:
-            kw = {"use_cache": False}
-            if b.prefix is not None:
-                pid = b.prefix.data_ptr()
-                if pid not in prefix_cache:
-                    prefix_cache.clear()
-                    prefix_cache[pid] = (body or model)(input_ids=b.prefix, use_cache=True).past_key_values
-                cache = copy.deepcopy(prefix_cache[pid])
-                cache.batch_repeat_interleave(b.input_ids.shape[0])
-                kw = {"use_cache": True, "past_key_values": cache}
-            if body is not None:
-                hidden = body(input_ids=b.input_ids, **kw).last_hidden_state
-                logits = head(hidden[b.row_idx, b.pos_idx])  # [S, V]: only the scored positions
-            else:
-                logits = model(input_ids=b.input_ids, **kw).logits[b.row_idx, b.pos_idx]
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            vals = logp[b.read_pos, b.read_tok].double()
-            out.index_add_(0, b.read_ans, vals)
+        only = _OnlyAt(last_mlp(model) if body is not None and self.trim_last_mlp else None)
+        nowhere = (torch.zeros(0, dtype=torch.long, device=self.device),) * 2
+        try:
+            for b in self.batches:
+                kw = {"use_cache": False}
+                if b.prefix is not None:
+                    pid = b.prefix.data_ptr()
+                    if pid not in prefix_cache:
+                        prefix_cache.clear()
+                        only.where = nowhere  # a prefix pass only fills the KV cache: no last MLP at all
+                        prefix_cache[pid] = (body or model)(input_ids=b.prefix, use_cache=True).past_key_values
+                    cache = copy.deepcopy(prefix_cache[pid])
+                    cache.batch_repeat_interleave(b.input_ids.shape[0])
+                    kw = {"use_cache": True, "past_key_values": cache}
+                if body is not None:
+                    only.where = (b.row_idx, b.pos_idx)
+                    hidden = body(input_ids=b.input_ids, **kw).last_hidden_state
+                    logits = head(hidden[b.row_idx, b.pos_idx])  # [S, V]: only the scored positions
+                else:
+                    logits = model(input_ids=b.input_ids, **kw).logits[b.row_idx, b.pos_idx]
+                logp = torch.log_softmax(logits.float(), dim=-1)
+                vals = logp[b.read_pos, b.read_tok].double()
+                out.index_add_(0, b.read_ans, vals)
+        finally:
+            only.remove()
         return out.cpu()

@@ -71,7 +71,7 @@ class StackSpace:
         try:
             check_stackable([s.config for s in self.sources], self.names)
         except EvomergeError as exc:
-            raise exc.located(source, "stacking.models") from None
+            raise ConfigError(exc.detail, file=source, key="stacking.models", allowed=exc.allowed) from None
         self.layer_counts = [s.num_layers() for s in self.sources]
         if st.mode == "dfs":
             self.dfs = DfsSpace(self.layer_counts, repeats=st.repeats, target=self.target_index,

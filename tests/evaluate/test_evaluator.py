@@ -189,3 +189,54 @@ def test_cli_eval_prints_table(llama_family, files, capsys, tmp_path):
     assert len(saved["split_ids"]["k"]) == 6 and saved["split"] == "search"
     rc = main(["eval", str(llama_family["base"]), "kind=mcq,path=" + str(files / "nope.jsonl")])
     assert rc == 2 and "nope.jsonl" in capsys.readouterr().err
+
+
+def test_padding_cap_bounds_batches_and_keeps_scores(tiny, files):
+    """`max_padding` bounds the padding share of every batch; the scores do not depend on it."""
+    model, tok = tiny
+    specs = [TaskSpec(name="k", kind="kmmlu", path=str(files / "k.csv")),
+             TaskSpec(name="m", kind="mcq", path=str(files / "m.jsonl"))]
+    tight = Evaluator(specs, tok, split="all", batch_tokens=4096, max_padding=0.0)
+    loose = Evaluator(specs, tok, split="all", batch_tokens=4096, max_padding=1.0)
+    for t in ("k", "m"):
+        p = tight.tasks[t].plan
+        assert p.n_padded == 0 and len(p.batches) >= len(loose.tasks[t].plan.batches)
+        # no padding: the batch tensors (+ each shared prefix once) hold exactly the real tokens
+        prefixes = {id(b.prefix): b.prefix.numel() for b in p.batches if b.prefix is not None}
+        assert sum(b.input_ids.numel() for b in p.batches) + sum(prefixes.values()) == p.n_tokens
+    assert sum(loose.tasks[t].plan.n_padded for t in ("k", "m")) > 0  # the cap is what removed it
+    a, b = tight.evaluate(model, per_item=True), loose.evaluate(model, per_item=True)
+    for t in ("k", "m"):
+        for i, d in a.per_item[t].items():
+            assert d["loglik"] == pytest.approx(b.per_item[t][i]["loglik"], rel=1e-5, abs=1e-6)
+
+
+def test_last_mlp_runs_only_at_scored_positions(tiny, files):
+    """The last layer's MLP sees only the scored positions (none during a shared-prefix pass); same scores."""
+    from evomerge.evaluate.loglik import last_mlp
+
+    model, tok = tiny
+    specs = [TaskSpec(name="k", kind="kmmlu", path=str(files / "k.csv"), num_fewshot=2,
+                      fewshot_path=str(files / "dev.csv")),
+             TaskSpec(name="m", kind="mcq", path=str(files / "m.jsonl"))]
+    ev = Evaluator(specs, tok, split="all", batch_tokens=256)
+    mlp = last_mlp(model)
+    assert mlp is model.model.layers[-1].mlp
+    seen = []
+    h = mlp.register_forward_hook(lambda mod, args, out: seen.append(out.shape[:-1]))  # runs before our scatter
+    try:
+        trimmed = ev.evaluate(model, per_item=True)
+    finally:
+        h.remove()
+    batches = [b for t in ("k", "m") for b in ev.tasks[t].plan.batches]
+    n_prefix_passes = sum(1 for t in ("k", "m") for _ in {id(b.prefix) for b in ev.tasks[t].plan.batches
+                                                          if b.prefix is not None})
+    assert sorted(s[1] for s in seen if s[1] > 0) == sorted(b.row_idx.numel() for b in batches)
+    assert sum(1 for s in seen if s[1] == 0) == n_prefix_passes > 0
+    assert not mlp._forward_hooks and not mlp._forward_pre_hooks  # ours are removed after scoring
+    for t in ("k", "m"):
+        ev.tasks[t].plan.trim_last_mlp = False
+    full = ev.evaluate(model, per_item=True)
+    for t in ("k", "m"):
+        for i, d in trimmed.per_item[t].items():
+            assert d["loglik"] == pytest.approx(full.per_item[t][i]["loglik"], rel=1e-5, abs=1e-6)
