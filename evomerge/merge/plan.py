@@ -52,14 +52,10 @@ class MergePlan:
     target: str
     slices: list[OutputSlice] = field(default_factory=list)
 
-    def resolve(self, tp: TensorPlan, recipe: Recipe | None = None) -> dict[str, Any]:
+    def resolve(self, tp: TensorPlan) -> dict[str, Any]:
         """Parameters for one tensor: shared ones as scalars, per-model ones as lists over the non-base inputs."""
-        return resolve_parameters(recipe or self.recipe, self.method, tp, self._slice(tp, recipe))
-
-    def _slice(self, tp: TensorPlan, recipe: Recipe | None) -> OutputSlice | None:
-        if recipe is None or recipe is self.recipe:
-            return self.slices[tp.slice_index] if tp.slice_index >= 0 else None
-        return normalized_slices(recipe, {})[tp.slice_index] if tp.slice_index >= 0 else None
+        sl = self.slices[tp.slice_index] if tp.slice_index >= 0 else None
+        return resolve_parameters(self.recipe, self.method, tp, sl)
 
 
 def uses_base(method: str) -> bool:

@@ -32,7 +32,7 @@ class RunContext:
     source: str
     base_dir: Path
     refs: dict[str, str]
-    pspace: "Any"  # ParameterSpace or a stacking space: decode(genome) -> candidate, dim, encode
+    pspace: Any  # ParameterSpace or StackSpace: dim, decode(genome) -> candidate, encode, layer_params
     merger: Any = None
     evaluators: dict[str, Any] = field(default_factory=dict)
     tokenizer: Any = None
@@ -136,7 +136,7 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _optimizer(ctx: RunContext, store: RunStore | None = None):
+def _optimizer(ctx: RunContext):
     from evomerge.search.optimizers import make_optimizer
 
     opt = ctx.space.optimizer
@@ -216,7 +216,7 @@ def _positive_trials(n: int, source: str) -> int:
 def _search_and_finish(ctx: RunContext, store: RunStore, *, quiet: bool) -> Path:
     from evomerge.search.progress import make_progress
 
-    optimizer = _optimizer(ctx, store)
+    optimizer = _optimizer(ctx)
     summary = run_search(store, optimizer, make_objective(ctx), max_trials=ctx.space.budget.trials,
                          max_seconds=ctx.space.budget.seconds, dedupe_key=ctx.pspace.dedupe_key,
                          progress=make_progress(quiet=quiet))
