@@ -261,7 +261,7 @@ def test_dfs_genome_to_stacked_model(pair):
 
 
 def test_errors_are_config_errors(pair):
-    a, b = pair["a"], pair["b"]
+    a = pair["a"]
     with pytest.raises(ConfigError, match="uses no layer"):
         build_stacked_model(a, [], [], [a])
     with pytest.raises(ConfigError, match="layer 4"):

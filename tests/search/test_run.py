@@ -151,40 +151,44 @@ def _trial_table(run: Path) -> list[tuple]:
             if t.finished]
 
 
-def test_kill_9_then_resume_equals_an_uninterrupted_run(llama_family, tmp_path):
+def kill_resume_and_compare(space_a: Path, space_b: Path, *, kill_after: int, total: int) -> list[tuple]:
+    """Run space_a in a subprocess, SIGKILL it after `kill_after` finished trials, resume it to `total`;
+    check nothing finished was lost or changed, the database is intact, and the trials equal an
+    uninterrupted run of space_b (same search, another folder). Returns the trials finished before the kill."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    (tmp_path / "a").mkdir()
-    space_a = _space(llama_family, tmp_path / "a",
-                     heldout={"sources": False, "baselines": False}, budget={"trials": 12})
-    run_a = tmp_path / "a" / "run"
-    cmd = [sys.executable, "-m", "evomerge", "run", str(space_a), "--quiet"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    run_a, run_b = space_a.parent / "run", space_b.parent / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "evomerge", "run", str(space_a), "--quiet"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 240
-    while _finished(run_a / "study.db") < 5 and time.time() < deadline and proc.poll() is None:
+    while _finished(run_a / "study.db") < kill_after and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     assert proc.poll() is None, proc.stderr.read().decode()
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    killed_at = _finished(run_a / "study.db")
-    assert 5 <= killed_at < 12
     before = _trial_table(run_a)
+    assert kill_after <= len(before) < total
     res = subprocess.run([sys.executable, "-m", "evomerge", "resume", str(run_a), "--quiet"], env=env,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     after = _trial_table(run_a)
     assert after[: len(before)] == before  # nothing finished was lost or changed
-    assert len(after) == 12
+    assert len(after) == total
     with sqlite3.connect(run_a / "study.db") as con:
         assert con.execute("pragma integrity_check").fetchone()[0] == "ok"
-
-    (tmp_path / "b").mkdir()
-    space_b = _space(llama_family, tmp_path / "b", heldout={"sources": False, "baselines": False},
-                     budget={"trials": 12})
     res = subprocess.run([sys.executable, "-m", "evomerge", "run", str(space_b), "--quiet"], env=env,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
-    uninterrupted = _trial_table(tmp_path / "b" / "run")
-    assert [(g, v) for _, g, v in after] == [(g, v) for _, g, v in uninterrupted]
+    assert [(g, v) for _, g, v in after] == [(g, v) for _, g, v in _trial_table(run_b)]
+    return before
+
+
+def test_kill_9_then_resume_equals_an_uninterrupted_run(llama_family, tmp_path):
+    spaces = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        spaces.append(_space(llama_family, tmp_path / name, heldout={"sources": False, "baselines": False},
+                             budget={"trials": 12}))
+    kill_resume_and_compare(*spaces, kill_after=5, total=12)
 
 
 @pytest.mark.parametrize("change,key", [

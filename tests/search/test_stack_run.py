@@ -3,11 +3,6 @@ exported passthrough recipe reproduces the live stacked model through `evomerge 
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -18,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from evomerge.errors import ConfigError
 from evomerge.recipe import Recipe
 from evomerge.store import RunStore
-from tests.search.test_run import _finished, _mcq_file, _trial_table
+from tests.search.test_run import _mcq_file, kill_resume_and_compare
 
 
 def _space(fam, tmp_path, stacking: dict, **over):
@@ -89,40 +84,18 @@ def _ps_recipe(fam, tmp_path):
 
 
 def test_ps_plus_dfs_kill_9_and_resume(llama_family, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     stacking = {"mode": "dfs", "models": ["b"], "repeats": 1, "max_length": 8,
                 "ps_recipe": str(_ps_recipe(llama_family, tmp_path))}
-    budget = {"trials": 10}
-    (tmp_path / "a").mkdir()
-    space_a = _space(llama_family, tmp_path / "a", stacking, budget=budget,
-                     heldout={"sources": False, "baselines": False})
+    spaces = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        spaces.append(_space(llama_family, tmp_path / name, stacking, budget={"trials": 10},
+                             heldout={"sources": False, "baselines": False}))
+    kill_resume_and_compare(*spaces, kill_after=4, total=10)
     run_a = tmp_path / "a" / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "evomerge", "run", str(space_a), "--quiet"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 240
-    while _finished(run_a / "study.db") < 4 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.stderr.read().decode()
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    before = _trial_table(run_a)
-    assert 4 <= len(before) < 10
     assert (run_a / "ps_model" / "config.json").exists()
-    res = subprocess.run([sys.executable, "-m", "evomerge", "resume", str(run_a), "--quiet"], env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
-    after = _trial_table(run_a)
-    assert after[: len(before)] == before and len(after) == 10
     best = Recipe.load(run_a / "best.yaml")
     assert str((run_a / "ps_model").resolve()) in best.referenced_models()
-
-    (tmp_path / "b").mkdir()
-    space_b = _space(llama_family, tmp_path / "b", stacking, budget=budget,
-                     heldout={"sources": False, "baselines": False})
-    res = subprocess.run([sys.executable, "-m", "evomerge", "run", str(space_b), "--quiet"], env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
-    assert [(g, v) for _, g, v in after] == [(g, v) for _, g, v in _trial_table(tmp_path / "b" / "run")]
 
 
 @pytest.mark.parametrize("drop", [None, 1])
