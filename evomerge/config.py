@@ -182,6 +182,10 @@ def config_digest(text: str) -> str:
 
 
 def _expand(ref: str) -> str:
+    """`${VAR}` and `~`; `${EVOMERGE_ZOO}` defaults to the demo zoo's cache folder."""
+    if "EVOMERGE_ZOO" not in os.environ:
+        zoo = Path(os.environ.get("EVOMERGE_CACHE", "~/.cache/evomerge")).expanduser() / "zoo"
+        ref = ref.replace("${EVOMERGE_ZOO}", str(zoo)).replace("$EVOMERGE_ZOO", str(zoo))
     return os.path.expanduser(os.path.expandvars(ref))
 
 

@@ -271,7 +271,7 @@ class RunStore:
         if cls.exists(run_dir):
             if not overwrite:
                 raise ConfigError(
-                    f"a run already exists here ({DB_NAME}); resume it, pick another run name, or pass overwrite",
+                    f"a run already exists here ({DB_NAME}); resume it (evomerge resume), pick another run folder, or pass --overwrite",
                     file=str(run_dir),
                 )
             cls._remove_run_files(run_dir)

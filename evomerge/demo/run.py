@@ -12,6 +12,7 @@ PRESET = Path(__file__).resolve().parents[2] / "search_spaces" / "demo.yaml"
 
 
 def default_zoo_dir() -> Path:
+    """Where `${EVOMERGE_ZOO}` points when unset (see evomerge.config)."""
     return Path(os.environ.get("EVOMERGE_CACHE", "~/.cache/evomerge")).expanduser() / "zoo"
 
 

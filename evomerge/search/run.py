@@ -7,6 +7,8 @@ split (heldout.json / heldout.md), the Pareto set for several objectives (pareto
 from __future__ import annotations
 
 import json
+import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,7 +186,7 @@ def start_run(space_path: str | Path, *, run_dir: str | Path | None = None, over
             shutil.rmtree(run_dir / stale, ignore_errors=True)
     ctx = build_context(space, text, source=str(space_path), base_dir=base_dir, run_dir=run_dir)
     meta = {"space_file": str(Path(space_path).resolve()), "base_dir": str(base_dir), "refs": ctx.refs,
-            "dim": ctx.pspace.dim}
+            "dim": ctx.pspace.dim, "env": _referenced_env(text)}
     store = RunStore.create(run_dir, text, directions=ctx.directions, meta=meta, overwrite=overwrite)
     _write_json(run_dir / "splits.json", {s: ctx.evaluator(s).split_ids() for s in ("search", "heldout")})
     return _search_and_finish(ctx, store, quiet=quiet)
@@ -196,15 +198,23 @@ def resume_run(run_dir: str | Path, *, quiet: bool = False, max_trials: int | No
     store = RunStore.open(run_dir)
     text = store.config_path.read_text()
     source = str(store.config_path)
+    meta = store.meta
+    for var, value in meta.get("env", {}).items():  # ${VAR}s in the snapshot resolve as when the run started
+        os.environ.setdefault(var, value)
     space = parse_search_space(text, source=source)
     if max_trials is not None:
         space.budget.trials = _positive_trials(max_trials, source)
-    meta = store.meta
     ctx = build_context(space, text, source=source, base_dir=Path(meta["base_dir"]), refs=meta["refs"],
                         run_dir=run_dir)
     if ctx.pspace.dim != meta["dim"]:
         raise ConfigError(f"the search space now has {ctx.pspace.dim} genes, the run {meta['dim']}", file=source)
     return _search_and_finish(ctx, store, quiet=quiet)
+
+
+def _referenced_env(text: str) -> dict[str, str]:
+    """Environment variables a search space refers to (${VAR} / $VAR), with their values now."""
+    names = re.findall(r"\$\{(\w+)\}|\$(\w+)", text)
+    return {n: os.environ[n] for pair in names for n in pair if n and n in os.environ}
 
 
 def _positive_trials(n: int, source: str) -> int:

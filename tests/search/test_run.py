@@ -258,3 +258,17 @@ def test_multi_objective_search_writes_the_pareto_set(llama_family, tmp_path):
             if other.finished and other.values:
                 assert not all(o >= v for o, v in zip(other.values, rec.values)) or other.values == rec.values
     Recipe.load(files[0])
+
+
+def test_resume_resolves_env_vars_as_when_the_run_started(llama_family, tmp_path, monkeypatch):
+    from evomerge.search.run import resume_run, start_run
+
+    _mcq_file(tmp_path / "mcq.jsonl")
+    monkeypatch.setenv("EVOMERGE_TEST_DATA", str(tmp_path))
+    tasks = [{"name": "add", "kind": "mcq", "path": "${EVOMERGE_TEST_DATA}/mcq.jsonl", "n_search": 6,
+              "n_heldout": 6, "loss_tiebreak": 0.01}]  # (a flat fitness would let CMA-ES stop early)
+    run = start_run(_space(llama_family, tmp_path, tasks=tasks, budget={"trials": 4},
+                           heldout={"sources": False, "baselines": False}), quiet=True)
+    monkeypatch.delenv("EVOMERGE_TEST_DATA")
+    resume_run(run, quiet=True, max_trials=6)
+    assert len([t for t in RunStore.open(run).trials() if t.finished]) == 6
