@@ -118,7 +118,14 @@ def plot_layer_params(layer_params: dict[str, list[float]], title: str, path: Pa
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * width + 3), max(2.5, 0.4 * len(labels) + 1.5)))
     im = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_yticks(range(len(labels)), labels, fontsize=8)
-    ax.set_xlabel("layer")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if width * len(labels) <= 256:  # small grids: print each value, rows may have different scales
+        for (i, j), v in np.ndenumerate(grid):
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white")
+    ax.set_xlabel("layer (path position for layer stacking)")
     ax.set_title(title)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
