@@ -6,7 +6,6 @@ Model references may be paths relative to the YAML file, Hugging Face ids, or GG
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Literal, Union
@@ -175,10 +174,6 @@ def load_search_space(path: str | Path) -> tuple[SearchSpace, str]:
 def parse_search_space(text: str, *, source: str) -> SearchSpace:
     data = load_mapping(text, source=source, what="a search space")
     return _expand_paths(validate(SearchSpace, data, source=source))
-
-
-def config_digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _expand(ref: str) -> str:

@@ -58,10 +58,6 @@ class MergePlan:
         return resolve_parameters(self.recipe, self.method, tp, sl)
 
 
-def uses_base(method: str) -> bool:
-    return METHODS[method].needs_base
-
-
 def normalized_slices(recipe: Recipe, layer_counts: Mapping[str, int]) -> list[OutputSlice]:
     """The recipe as output slices (mergekit turns `models:` into one slice spanning every layer)."""
     if recipe.slices:

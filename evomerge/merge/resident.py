@@ -154,6 +154,3 @@ class ResidentMerger:
             [self._thresholds[k] for k in others], params["weight"], params["density"],
             lambda_=params["lambda"], normalize=params["normalize"], out=param,
         )
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}

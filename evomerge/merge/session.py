@@ -73,9 +73,6 @@ class MergeSession:
                 raise ModelLoadError(f"out of memory while merging {tp.out_name} on {self.device}; "
                                      "try --device cpu or a smaller dtype") from None
 
-    def merged_state_dict(self) -> dict[str, torch.Tensor]:
-        return dict(self.iter_merged())
-
 
 def _build_aligners(target: str, sources: dict[str, WeightSource]) -> dict[str, Callable]:
     """Per model with a different vocabulary: rows -> rows in the target's token order."""
