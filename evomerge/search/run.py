@@ -35,6 +35,7 @@ class RunContext:
     base_dir: Path
     refs: dict[str, str]
     pspace: Any  # ParameterSpace or StackSpace: dim, decode(genome) -> candidate, encode, layer_params
+    sources: dict[str, Any] = field(default_factory=dict)  # name -> open WeightSource, read once per run
     merger: Any = None
     evaluators: dict[str, Any] = field(default_factory=dict)
     tokenizer: Any = None
@@ -77,7 +78,7 @@ def build_context(space: SearchSpace, text: str, *, source: str, base_dir: Path,
         _check_same_architecture(space, sources, source)
         n_layers = sources[space.base_model or next(iter(sources))].num_layers()
         pspace = ParameterSpace(space, refs, n_layers, source=source)
-    ctx = RunContext(space, text, source, base_dir, refs, pspace)
+    ctx = RunContext(space, text, source, base_dir, refs, pspace, sources)
     if load:
         target = pspace.sources[pspace.target_index] if space.stacking is not None else sources[pspace_target(space)]
         ctx.tokenizer = target.tokenizer()
@@ -288,8 +289,8 @@ def heldout_rows(ctx: RunContext, best: list) -> list[dict[str, Any]]:
     if ctx.space.heldout.sources:
         from evomerge.models.loading import load_causal_lm
 
-        for name, ref in ctx.refs.items():
-            model, _ = load_causal_lm(ref, dtype=getattr(torch, ctx.space.dtype), device=ctx.space.device)
+        for name, src in ctx.sources.items():  # already open: a GGUF is not dequantized again
+            model, _ = load_causal_lm(src, dtype=getattr(torch, ctx.space.dtype), device=ctx.space.device)
             rows.append({"name": f"source: {name}"} | _score(ctx, model, "heldout"))
             del model
     if ctx.space.heldout.baselines and ctx.space.stacking is None:
