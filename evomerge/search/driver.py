@@ -30,7 +30,8 @@ import optuna
 from evomerge.errors import ConfigError
 from evomerge.search.optimizers import Optimizer
 from evomerge.search.progress import Progress, QuietProgress
-from evomerge.store import HEARTBEAT_SECONDS, RunStore, TrialRecord, worker_alive
+from evomerge.store import RunStore, TrialRecord
+from evomerge.store.locks import HEARTBEAT_SECONDS, worker_alive
 
 WAIT_POLL_SECONDS = 0.2
 STALE_CHECK_SECONDS = 5.0
@@ -110,7 +111,7 @@ class _Heartbeat:
 
     def __init__(self, store: RunStore, interval: float = HEARTBEAT_SECONDS):
         self.store, self.interval = store, interval
-        self.trial_ids: set[int] = set()
+        self.trials: dict[int, optuna.trial.Trial] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="evomerge-heartbeat", daemon=True)
@@ -125,19 +126,19 @@ class _Heartbeat:
 
     def add(self, trial: optuna.trial.Trial) -> None:
         with self._lock:
-            self.trial_ids.add(trial._trial_id)
+            self.trials[trial.number] = trial
 
     def discard(self, trial: optuna.trial.Trial) -> None:
         with self._lock:
-            self.trial_ids.discard(trial._trial_id)
+            self.trials.pop(trial.number, None)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             with self._lock:
-                ids = list(self.trial_ids)
-            for tid in ids:
+                trials = list(self.trials.values())
+            for trial in trials:
                 try:
-                    self.store.record_heartbeat(tid)
+                    self.store.record_heartbeat(trial)
                 except Exception:
                     pass  # a busy database must not kill the run; the next beat retries
 
@@ -150,7 +151,7 @@ def _penalties(values: list[list[float] | None], fallback: list[list[float]], n_
         return [0.0] * n_obj
     arr = np.asarray(pool, dtype=float)
     lo, hi = arr.min(axis=0), arr.max(axis=0)
-    return [float(l - max(1.0, h - l)) for l, h in zip(lo, hi)]
+    return [float(low - max(1.0, high - low)) for low, high in zip(lo, hi)]
 
 
 def run_search(
@@ -182,10 +183,10 @@ def run_search(
     store.lock(exclusive=not optimizer.parallel_safe)
     try:
         stale = store.fail_stale_trials(all_running=not optimizer.parallel_safe)
-        optimizer.bind(store.study)
         state = store.load_optimizer_state()
         if state is not None:
             optimizer.load_state_dict(state)
+        store.use_sampler(optimizer.sampler)
         store.set_attr("budget", {"max_trials": int(max_trials), "max_seconds": max_seconds})
         store.set_attr("optimizer", {"name": optimizer.name, "popsize": optimizer.popsize, "seed": optimizer.seed})
 
@@ -210,10 +211,6 @@ def run_search(
         return summary
     finally:
         store.unlock()
-
-
-def owner_id(store: RunStore, number: int) -> int:
-    return store.study._storage.get_trial_id_from_study_id_trial_number(store.study._study_id, number)
 
 
 class _Session:
@@ -264,9 +261,10 @@ class _Session:
             if self.opt.should_stop():
                 return "converged"
             gen = self.opt.generation
-            genomes = self.opt.ask(self.max_trials - finished)
+            genomes, opened = self._propose(self.max_trials - finished)
             stored = self.store.generation_trials(gen) if self.opt.reproducible_ask else {}
             results: list[TrialRecord | None] = [None] * len(genomes)
+            handed: set[int] = set()
             stop: str | None = None
             try:
                 for i, genome in enumerate(genomes):
@@ -281,15 +279,18 @@ class _Session:
                     if self._time_up():
                         stop = "max_seconds"
                         break
-                    results[i] = self._run_one(gen, i, genome)
+                    handed.add(i)
+                    results[i] = self._run_one(gen, i, genome, opened[i])
                     finished += 1
             except BaseException:
-                for t in self.opt.unopened_trials():
-                    self.store.abort_trial(t, "interrupted", "the run was interrupted")
+                for i, t in enumerate(opened):
+                    if t is not None and i not in handed:
+                        self.store.abort_trial(t, "interrupted", "the run was interrupted")
                 raise
             if stop is not None:
-                for t in self.opt.unopened_trials():  # Optuna batches: asked but never evaluated
-                    self.store.abort_trial(t, "cancelled", f"budget reached ({stop}) before evaluation")
+                for i, t in enumerate(opened):  # sampler batches: opened but never evaluated
+                    if t is not None and i not in handed:
+                        self.store.abort_trial(t, "cancelled", f"budget reached ({stop}) before evaluation")
                 return stop
             ok_vals = [r.values if r is not None and r.status == "ok" else None for r in results]
             prior = [r.values for r in self.store.trials() if r.status == "ok" and r.values
@@ -300,10 +301,20 @@ class _Session:
             self.store.save_optimizer_state(self.opt.state_dict())
             self.progress.generation(gen, [r for r in results if r is not None], self.best)
 
+    def _propose(self, remaining: int) -> tuple[list[np.ndarray], list[optuna.trial.Trial | None]]:
+        """The generation's genomes, and the trials already opened for them (samplers propose inside
+        trials; a genome from `ask` gets its trial when its turn comes)."""
+        if self.opt.samples_in_trials:
+            trials = [self.store.new_trial() for _ in range(self.opt.batch_size(remaining))]
+            return [self.opt.sample(t) for t in trials], list(trials)
+        genomes = self.opt.ask(remaining)
+        return genomes, [None] * len(genomes)
+
     # -- one candidate ----------------------------------------------------------------------------
-    def _run_one(self, gen: int, index: int, genome: np.ndarray) -> TrialRecord:
+    def _run_one(self, gen: int, index: int, genome: np.ndarray, trial: optuna.trial.Trial | None) -> TrialRecord:
         key = self.dedupe_key(genome)
-        trial = self.opt.open_trial(index)
+        if trial is None:
+            trial = self.store.open_trial(genome)
         self.store.begin_trial(trial, genome, generation=gen, gen_index=index, key=key)
         assert self.hb is not None
         self.hb.add(trial)
@@ -341,7 +352,7 @@ class _Session:
             if rec.finished:
                 return rec if rec.duplicate_of is None else self.store.trial(rec.duplicate_of)
             if rec.status == "running" and worker_alive(rec.worker) is False:
-                self.store.abort_trial(owner_id(self.store, owner), "stale", "worker died while evaluating")
+                self.store.abort_trial_number(owner, "stale", "worker died while evaluating")
                 continue
             if self._time_up():
                 return None

@@ -1,14 +1,14 @@
 """Black-box optimizers over the unit box [0,1]^d behind one ask/tell interface.
 
-Nothing here knows about models: a genome is a float vector, a fitness is a number to maximize.
-Every optimizer records its candidates as trials of one Optuna study (the run store's), so
-`optuna-dashboard` shows cma runs and Optuna-sampler runs alike:
+Nothing here knows about models or storage: a genome is a float vector, a fitness is a number to
+maximize, and an optimizer only proposes (as Optuna's samplers only propose values):
 
-- "cmaes" (the `cma` package) proposes genomes itself; `open_trial(i)` enqueues the genome and
-  asks the study for a trial that holds exactly those parameters. Its state (the pickled ES and its
-  private random state) is checkpointed, so a resumed run re-asks exactly the same generation.
-- "optuna-cmaes", "tpe", "nsga2", "random" are Optuna samplers: `ask()` creates `popsize` trials
-  in the study (Optuna's ask is atomic on RDB storages, so several workers can share a study).
+- "cmaes" (the `cma` package) proposes whole generations with `ask()`. Its state (the pickled ES and
+  its private random state) is kept in the run's storage, so a resumed run re-asks exactly the same
+  generation.
+- "optuna-cmaes", "tpe", "nsga2", "random" are Optuna samplers: they propose inside trials the run
+  store opens (`sample(trial)`); Optuna's ask is atomic on RDB storages, so several workers can share
+  a study.
 """
 
 from __future__ import annotations
@@ -23,14 +23,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import optuna
 
+from evomerge.config import OPTIMIZERS
 from evomerge.errors import ConfigError
-
-OPTIMIZERS = ("cmaes", "optuna-cmaes", "tpe", "nsga2", "random")
-
-
-def gene_name(i: int) -> str:
-    """Optuna parameter name of gene i (zero padded so the dashboard sorts them)."""
-    return f"g{i:04d}"
+from evomerge.store import gene_name
 
 
 def default_popsize(dim: int) -> int:
@@ -46,7 +41,14 @@ def _as_values(value: float | Sequence[float], n_objectives: int) -> list[float]
 
 
 class Optimizer(ABC):
-    """Maximizes fitness over [0,1]^dim, one generation (batch) at a time."""
+    """Maximizes fitness over [0,1]^dim, one generation (batch) at a time. It proposes genomes and
+    learns from their fitness; it never opens, closes or stores trials (the driver and the run store do).
+
+    Two ways to propose, as the two families of optimizers work:
+    - `ask()` returns the generation's genomes (cma); the store opens a trial holding each;
+    - with `samples_in_trials`, the store opens trials and `sample(trial)` fills each with the
+      sampler's proposal (Optuna samplers propose inside a trial of the study they learn from).
+    """
 
     name: str = ""
     #: True when `ask()` after `load_state_dict()` returns the same genomes again (cma): the driver
@@ -54,6 +56,8 @@ class Optimizer(ABC):
     reproducible_ask: bool = False
     #: True when several worker processes may drive one study with this optimizer at once.
     parallel_safe: bool = False
+    #: True: proposals are made inside trials the store opens (`sample`), not by `ask`.
+    samples_in_trials: bool = False
 
     def __init__(self, dim: int, *, seed: int, n_objectives: int = 1, popsize: int | None = None):
         if dim < 1:
@@ -65,45 +69,24 @@ class Optimizer(ABC):
         self.n_objectives = int(n_objectives)
         self.popsize = int(popsize) if popsize is not None else default_popsize(dim)
         self.generation = 0
-        self.study: optuna.Study | None = None
-        self._own_study = False  # True when no run store gave us a study (stand-alone use)
+        #: the sampler the study uses for trials opened under this optimizer
+        self.sampler: optuna.samplers.BaseSampler = optuna.samplers.RandomSampler(seed=self.seed)
 
-    # -- study binding -------------------------------------------------------------------------
-    def bind(self, study: optuna.Study) -> None:
-        """Record this optimizer's trials in `study` (the run store's)."""
-        self.study = study
+    def batch_size(self, n: int | None = None) -> int:
+        """Genomes in the next generation, capped by `n` (the remaining budget) for samplers."""
+        return self.popsize if n is None else max(1, min(self.popsize, int(n)))
 
-    def _ensure_study(self) -> optuna.Study:
-        if self.study is None:  # stand-alone use (tests, notebooks): an in-memory study
-            self.bind(
-                optuna.create_study(
-                    directions=["maximize"] * self.n_objectives,
-                    sampler=optuna.samplers.RandomSampler(seed=self.seed),
-                )
-            )
-            self._own_study = True
-        assert self.study is not None
-        return self.study
-
-    # -- the interface -------------------------------------------------------------------------
-    @abstractmethod
     def ask(self, n: int | None = None) -> list[np.ndarray]:
-        """Propose the current generation. `n` caps the batch of samplers that create trials while
-        asking (so a run does not open trials it has no budget for); cma always returns its whole
-        population."""
+        """Propose the current generation (cma always returns its whole population)."""
+        raise NotImplementedError(f"{self.name} proposes inside trials: use sample()")
 
-    @abstractmethod
-    def open_trial(self, index: int) -> optuna.trial.Trial:
-        """The RUNNING study trial that holds genome `index` of the last `ask()`."""
+    def sample(self, trial: optuna.trial.Trial) -> np.ndarray:
+        """Fill a trial the store opened with the sampler's proposal; return it as a genome."""
+        raise NotImplementedError(f"{self.name} proposes whole generations: use ask()")
 
     @abstractmethod
     def tell(self, genomes: Sequence[np.ndarray], values: Sequence[float | Sequence[float]]) -> None:
-        """Report fitness (to MAXIMIZE) of every genome of the last `ask()`; advances the generation."""
-
-    def unopened_trials(self) -> list[optuna.trial.Trial]:
-        """Trials created by `ask()` that were never handed out by `open_trial` (to be cancelled
-        when a run stops mid-generation)."""
-        return []
+        """Report fitness (to MAXIMIZE) of every genome of the generation; advances the generation."""
 
     def should_stop(self) -> bool:
         return False
@@ -114,27 +97,6 @@ class Optimizer(ABC):
 
     @abstractmethod
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-    def _tell_study(self, values: Sequence[float | Sequence[float]], trials: Sequence[optuna.trial.Trial]) -> None:
-        """Finish the trials in stand-alone use; under a run store the store finishes them (with
-        their records) before `tell`."""
-        if not self._own_study:
-            return
-        study = self._ensure_study()
-        for trial, v in zip(trials, values):
-            vals = _as_values(v, self.n_objectives)
-            if all(math.isfinite(x) for x in vals):
-                study.tell(trial, vals, skip_if_finished=True)
-            else:
-                study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
-
-
-def _ask(study: optuna.Study) -> optuna.trial.Trial:
-    """study.ask() without Optuna's warning that heartbeats are meant for study.optimize (the
-    driver records heartbeats itself)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Heartbeat of storage")
-        return study.ask()
 
 
 def _global_randn(*shape: int) -> np.ndarray:
@@ -200,7 +162,6 @@ class CMAOptimizer(Optimizer):
         self.es = self._new_es(self.popsize)
         self._asked: list[np.ndarray] | None = None
         self._es_xs: list[np.ndarray] = []
-        self._trials: dict[int, optuna.trial.Trial] = {}
 
     def _new_es(self, popsize: int):
         import cma
@@ -227,11 +188,6 @@ class CMAOptimizer(Optimizer):
     def should_stop(self) -> bool:
         return self._cma_stopped() and self.restarts_done >= self.restarts
 
-    def bind(self, study: optuna.Study) -> None:
-        super().bind(study)
-        # parameters come from enqueue_trial; a cheap sampler avoids TPE bookkeeping per trial
-        study.sampler = optuna.samplers.RandomSampler(seed=self.seed)
-
     def ask(self, n: int | None = None) -> list[np.ndarray]:
         if self._cma_stopped() and self.restarts_done < self.restarts:
             self.restarts_done += 1
@@ -241,27 +197,7 @@ class CMAOptimizer(Optimizer):
             xs = self.es.ask()
         self._es_xs = xs  # handed back to es.tell as is: cma maps them to genotypes by their bytes
         self._asked = [np.clip(np.asarray(x, dtype=float), 0.0, 1.0) for x in xs]
-        self._trials = {}
         return [x.copy() for x in self._asked]
-
-    def open_trial(self, index: int) -> optuna.trial.Trial:
-        if self._asked is None:
-            raise RuntimeError("open_trial() before ask()")
-        study = self._ensure_study()
-        genome = self._asked[index]
-        params = {gene_name(i): float(v) for i, v in enumerate(genome)}
-        from evomerge.store import sqlite_backend, write_float_params
-
-        if sqlite_backend(study) is not None:  # the run store: one bulk insert instead of a commit per gene
-            trial = _ask(study)
-            write_float_params(study, trial, params)
-        else:
-            study.enqueue_trial(params, skip_if_exists=False)
-            trial = _ask(study)
-            for i in range(self.dim):
-                trial.suggest_float(gene_name(i), 0.0, 1.0)
-        self._trials[index] = trial
-        return trial
 
     def tell(self, genomes: Sequence[np.ndarray], values: Sequence[float | Sequence[float]]) -> None:
         if self._asked is None:
@@ -271,15 +207,11 @@ class CMAOptimizer(Optimizer):
         fit = [_as_values(v, 1)[0] for v in values]
         if not all(math.isfinite(f) for f in fit):
             raise ValueError("cma needs finite fitness values; give failed candidates the worst fitness")
-        if self._trials:
-            opened = sorted(self._trials)
-            self._tell_study([values[i] for i in opened], [self._trials[i] for i in opened])
         with _private_global_rng(self._rng), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             # cma minimizes; pass the genomes as asked (tell checks them against its own samples)
             self.es.tell(self._es_xs, [-f for f in fit])
         self._asked = None
-        self._trials = {}
         self.generation += 1
 
     def state_dict(self) -> dict[str, Any]:
@@ -293,78 +225,52 @@ class CMAOptimizer(Optimizer):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("name") != self.name or state.get("dim") != self.dim:
-            raise ConfigError(
-                f"checkpoint is for optimizer {state.get('name')} with {state.get('dim')} genes, "
-                f"this run uses {self.name} with {self.dim}",
-                key="optimizer",
-            )
+        _check_state(self, state)
         self.es = pickle.loads(state["es"])
         self._rng.set_state(state["rng"])
         self.generation = int(state["generation"])
         self.restarts_done = int(state["restarts_done"])
         self._asked = None
-        self._trials = {}
 
 
 class OptunaOptimizer(Optimizer):
-    """An Optuna sampler driving the study directly: each genome is a trial with one
-    `suggest_float(g0000, 0, 1)` per gene. The sampler learns from the study's finished trials, so
-    `tell` has nothing to do once the run store has finished the trials."""
+    """An Optuna sampler: each genome is a trial with one `suggest_float(g0000, 0, 1)` per gene. The
+    sampler learns from the study's finished trials, so `tell` only advances the generation."""
 
     parallel_safe = True
+    samples_in_trials = True
 
     def __init__(self, name: str, sampler: optuna.samplers.BaseSampler, dim: int, *, seed: int,
                  n_objectives: int = 1, popsize: int | None = None):
         super().__init__(dim, seed=seed, n_objectives=n_objectives, popsize=popsize)
         self.name = name
         self.sampler = sampler
-        self._pending: list[optuna.trial.Trial] = []
-        self._handed: set[int] = set()
 
-    def bind(self, study: optuna.Study) -> None:
-        super().bind(study)
-        study.sampler = self.sampler
-
-    def ask(self, n: int | None = None) -> list[np.ndarray]:
-        study = self._ensure_study()
-        size = self.popsize if n is None else max(1, min(self.popsize, int(n)))
-        self._pending, self._handed = [], set()
-        genomes = []
-        for _ in range(size):
-            trial = _ask(study)
-            genomes.append(np.array([trial.suggest_float(gene_name(i), 0.0, 1.0) for i in range(self.dim)]))
-            self._pending.append(trial)
-        return genomes
-
-    def open_trial(self, index: int) -> optuna.trial.Trial:
-        self._handed.add(index)
-        return self._pending[index]
-
-    def unopened_trials(self) -> list[optuna.trial.Trial]:
-        return [t for i, t in enumerate(self._pending) if i not in self._handed]
+    def sample(self, trial: optuna.trial.Trial) -> np.ndarray:
+        return np.array([trial.suggest_float(gene_name(i), 0.0, 1.0) for i in range(self.dim)])
 
     def tell(self, genomes: Sequence[np.ndarray], values: Sequence[float | Sequence[float]]) -> None:
-        if len(values) != len(self._pending):
-            raise ValueError(f"tell() got {len(values)} values, the batch has {len(self._pending)}")
-        self._tell_study(values, self._pending)
-        self._pending, self._handed = [], set()
+        if len(values) != len(genomes):
+            raise ValueError(f"tell() got {len(values)} values for {len(genomes)} genomes")
         self.generation += 1
 
     def state_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "dim": self.dim, "generation": self.generation, "sampler": pickle.dumps(self.sampler)}
+        return {"name": self.name, "dim": self.dim, "generation": self.generation,
+                "sampler": pickle.dumps(self.sampler)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("name") != self.name or state.get("dim") != self.dim:
-            raise ConfigError(
-                f"checkpoint is for optimizer {state.get('name')} with {state.get('dim')} genes, "
-                f"this run uses {self.name} with {self.dim}",
-                key="optimizer",
-            )
+        _check_state(self, state)
         self.sampler = pickle.loads(state["sampler"])
         self.generation = int(state["generation"])
-        if self.study is not None:
-            self.study.sampler = self.sampler
+
+
+def _check_state(opt: Optimizer, state: dict[str, Any]) -> None:
+    if state.get("name") != opt.name or state.get("dim") != opt.dim:
+        raise ConfigError(
+            f"the stored optimizer state is for {state.get('name')} with {state.get('dim')} genes, "
+            f"this run uses {opt.name} with {opt.dim}",
+            key="optimizer",
+        )
 
 
 def make_optimizer(

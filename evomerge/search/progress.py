@@ -102,7 +102,8 @@ class RichProgress(Progress):
                 f"gen {st.generation} | best {b} | failed {st.failed} | ETA {_fmt_seconds(st.eta())}")
 
     def start(self, *, max_trials: int, finished: int, max_seconds: float | None) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RP, TextColumn, TimeElapsedColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import Progress as RP
 
         self.stats = _Stats()
         self.stats.max_trials, self.stats.finished, self.stats.max_seconds = max_trials, finished, max_seconds

@@ -68,11 +68,11 @@ def test_cma_search_completes_and_store_holds_every_trial(tmp_path):
     assert best[0].values[0] == max(r.values[0] for r in recs) > first_gen
     assert [b.values[0] for b in best] == sorted([b.values[0] for b in best], reverse=True)
     assert s.best.number == best[0].number
-    assert store.checkpoint_path.exists() and store.load_optimizer_state()["generation"] == 6
+    assert store.load_optimizer_state()["generation"] == 6
     # the params are real Optuna params: the dashboard / optuna API see the genome
     import optuna
 
-    study = optuna.load_study(study_name=store.study.study_name, storage=store.storage_url)
+    study = optuna.load_study(study_name=store.study.study_name, storage=store.folder.storage_url)
     assert study.trials[5].params == {f"g{i:04d}": pytest.approx(recs[5].genome[i], abs=0) for i in range(4)}
     assert study.best_trial.number == best[0].number
 
@@ -186,8 +186,9 @@ def test_budget_errors_and_time_limit(tmp_path):
         time.sleep(0.05)
         return quadratic(x)
 
-    s = run_search(store, opt, slow, max_trials=10_000, max_seconds=0.5)
-    assert s.stop_reason == "max_seconds" and 3 <= s.finished < 40 and s.seconds < 5
+    s = run_search(store, opt, slow, max_trials=10_000, max_seconds=1.0)
+    # stopped by the clock, not the trial budget (the count depends on the machine's load)
+    assert s.stop_reason == "max_seconds" and 1 <= s.finished < 80 and s.seconds < 10
 
 
 def test_max_trials_counts_across_resumes_and_resume_equals_uninterrupted(tmp_path):

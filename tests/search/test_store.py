@@ -1,8 +1,9 @@
-"""RunStore: run folder, config snapshot, trial records, checkpoints, stale trials, claims."""
+"""RunStore: run folder, config snapshot, trial records, optimizer state, stale trials, claims."""
 
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 
@@ -11,7 +12,8 @@ import optuna
 import pytest
 
 from evomerge.errors import ConfigError
-from evomerge.store import RunStore, this_worker
+from evomerge.store import RunStore
+from evomerge.store.locks import this_worker
 
 
 CONFIG = "models: [a, b]\nmethod: ties\n"
@@ -19,7 +21,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 
 
 def _trial(store: RunStore, genome, gen=0, idx=0, key=None):
-    trial = store.study.ask()
+    trial = store.new_trial()
     store.begin_trial(trial, np.asarray(genome, float), generation=gen, gen_index=idx, key=key or f"k{gen}-{idx}")
     return trial
 
@@ -27,13 +29,13 @@ def _trial(store: RunStore, genome, gen=0, idx=0, key=None):
 def test_create_writes_snapshot_and_study(tmp_path):
     store = RunStore.create(tmp_path / "r1", CONFIG, directions=["maximize"], meta={"space": "demo", "dim": 3})
     assert (tmp_path / "r1" / "config.yaml").read_text() == CONFIG
-    assert store.storage_url == f"sqlite:///{tmp_path / 'r1' / 'study.db'}"
+    assert store.folder.storage_url == f"sqlite:///{tmp_path / 'r1' / 'study.db'}"
     assert store.meta == {"space": "demo", "dim": 3} and store.directions == ["maximize"]
     store.close()
     again = RunStore.open(tmp_path / "r1", CONFIG)
     assert again.meta["space"] == "demo"
     # a plain Optuna client (what optuna-dashboard uses) reads the run
-    assert optuna.get_all_study_names(again.storage_url) == ["r1"]
+    assert optuna.get_all_study_names(again.folder.storage_url) == ["r1"]
 
 
 def test_refuses_to_overwrite_unless_asked(tmp_path):
@@ -93,19 +95,22 @@ def test_trial_records_best_pareto_and_keys(tmp_path):
     assert recs[4].error == "ValueError: nope" and recs[4].state == "FAIL"
     assert [r.number for r in store.pareto()] == [0, 1, 2]  # trial 3 is dominated by 2
     assert store.best(2)[0].number == 0
-    assert store.finished_keys() == {f"k0-{i}": i for i in range(5)}
     assert set(store.generation_trials(0)) == {0, 1, 2, 3, 4}
     assert store.count_finished() == 5
 
 
-def test_checkpoint_is_atomic_and_round_trips(tmp_path):
+def test_optimizer_state_lives_in_the_storage_and_round_trips(tmp_path):
     store = RunStore.create(tmp_path / "r", CONFIG, directions=["maximize"])
     assert store.load_optimizer_state() is None
-    store.save_optimizer_state({"generation": 3, "blob": b"x" * 1000})
+    store.save_optimizer_state({"generation": 3, "blob": b"x" * 100_000})
     store.save_optimizer_state({"generation": 4, "blob": b"y"})
+    store.close()
+    store = RunStore.open(tmp_path / "r", CONFIG)  # another process sees it: it is in study.db, not a side file
     assert store.load_optimizer_state() == {"generation": 4, "blob": b"y"}
-    assert sorted(p.name for p in (tmp_path / "r").iterdir() if "optimizer" in p.name) == ["optimizer.pkl"]
-    store.checkpoint_path.write_bytes(b"garbage")
+    assert sorted(p.name for p in (tmp_path / "r").iterdir() if not p.name.startswith("study.db")) == [
+        "config.yaml"]
+    with sqlite3.connect(tmp_path / "r" / "study.db") as con:
+        con.execute("update evomerge_state set value = ? where key = 'optimizer'", (b"garbage",))
     with pytest.raises(ConfigError, match="unreadable"):
         store.load_optimizer_state()
 
@@ -116,7 +121,7 @@ def test_trials_of_a_dead_worker_become_stale(tmp_path):
     dead = _trial(store, [0.6], idx=1)
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_worker = dict(this_worker(), pid=int(gone.stdout), start=None)
-    store._set_user_attrs(dead._trial_id, {"worker": dead_worker})
+    store.set_trial_attrs(dead, {"worker": dead_worker})
     assert store.fail_stale_trials() == [dead.number]  # ours is alive: left alone
     recs = store.trials()
     assert recs[0].status == "running" and recs[1].status == "stale" and "stopped" in recs[1].error
