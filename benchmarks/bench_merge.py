@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from evomerge.merge import methods as M
 from evomerge.merge.fast_ties import MagnitudeThresholds, ties_merge_fast
+from evomerge.merge.registry import merge_tensor
 
 
 def layer_shapes(hidden: int) -> list[tuple[int, ...]]:
@@ -92,7 +92,7 @@ def main() -> None:
     def mergekit_style():
         dens = densities()
         for b, ms in zip(bases, models):
-            M.ties(b, ms, weights, dens)
+            merge_tensor("ties", b, ms, {"weight": weights, "density": dens})
 
     t0 = time.perf_counter()
     thr = [[MagnitudeThresholds(d) for d in ds] for ds in deltas]

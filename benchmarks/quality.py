@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _run(preset: str, out: Path, *, seed: int, optimizer: str, trials: int | None, baselines: bool,
          ps_recipe: Path | None = None, reuse: bool = False) -> list[dict]:
-    from evomerge.search.run import start_run
+    from evomerge.workflow.run import start_run
 
     if reuse and (out / "heldout.json").exists():
         return json.loads((out / "heldout.json").read_text())["rows"]

@@ -6,18 +6,19 @@ Model references may be paths relative to the YAML file, Hugging Face ids, or GG
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from evomerge.dtypes import DTYPES
+from evomerge.envvars import expand
 from evomerge.errors import ConfigError
 from evomerge.evaluate.spec import TaskSpec
+from evomerge.merge.registry import METHODS
 from evomerge.yamlio import load_mapping, validate
 
-SEARCH_METHODS = ("ties", "dare_ties", "dare_linear", "task_arithmetic", "linear", "slerp", "della", "della_linear",
-                  "breadcrumbs", "breadcrumbs_ties")
+SEARCH_METHODS = tuple(name for name, spec in METHODS.items() if spec.searchable)
 OPTIMIZERS = ("cmaes", "optuna-cmaes", "tpe", "nsga2", "random")
 
 
@@ -50,7 +51,7 @@ class ChatVector(BaseModel):
     chat: str
 
 
-class StackingSpace(BaseModel):
+class StackingConfig(BaseModel):
     """Layer stacking (data-flow space); see evomerge/merge/dfs.py."""
 
     model_config = ConfigDict(extra="forbid")
@@ -100,7 +101,7 @@ class HeldOut(BaseModel):
     baselines: bool = True  # uniform merges chosen on the search split
 
 
-class SearchSpace(BaseModel):
+class SearchConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
     models: dict[str, str]  # short name -> path / hub id / gguf
@@ -113,7 +114,7 @@ class SearchSpace(BaseModel):
     block_size: int = Field(default=1, ge=1)
     split_attn_mlp: bool = False
     embeddings: Literal["merge", "keep_target", "align"] = "merge"
-    stacking: StackingSpace | None = None
+    stacking: StackingConfig | None = None
     tasks: list[TaskSpec]
     objectives: Literal["weighted", "vector"] = "weighted"
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
@@ -121,13 +122,20 @@ class SearchSpace(BaseModel):
     heldout: HeldOut = Field(default_factory=HeldOut)
     seed: int = 0
     device: str = "cpu"
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    dtype: str = "float32"
     offload: Literal["auto", "never", "always"] = "auto"
     run_dir: str | None = None  # default: runs/<name>
     seed_recipes: list[str] = Field(default_factory=list)  # hand-written recipes to start the search from
 
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        if v not in DTYPES:
+            raise ValueError(f"unknown dtype '{v}' (allowed: {', '.join(DTYPES)})")
+        return v
+
     @model_validator(mode="after")
-    def _consistent(self) -> "SearchSpace":
+    def _consistent(self) -> "SearchConfig":
         names = set(self.models)
         for key, ref in (("base_model", self.base_model),):
             if ref is not None and ref not in names:
@@ -162,7 +170,7 @@ class SearchSpace(BaseModel):
         return out
 
 
-def load_search_space(path: str | Path) -> tuple[SearchSpace, str]:
+def load_search_space(path: str | Path) -> tuple[SearchConfig, str]:
     """Parse and validate a search-space file; returns the space and its text (snapshotted into the run)."""
     path = Path(path)
     if not path.is_file():
@@ -171,24 +179,16 @@ def load_search_space(path: str | Path) -> tuple[SearchSpace, str]:
     return parse_search_space(text, source=str(path)), text
 
 
-def parse_search_space(text: str, *, source: str) -> SearchSpace:
+def parse_search_space(text: str, *, source: str) -> SearchConfig:
     data = load_mapping(text, source=source, what="a search space")
-    return _expand_paths(validate(SearchSpace, data, source=source))
+    return _expand_paths(validate(SearchConfig, data, source=source))
 
 
-def _expand(ref: str) -> str:
-    """`${VAR}` and `~`; `${EVOMERGE_ZOO}` defaults to the demo zoo's cache folder."""
-    if "EVOMERGE_ZOO" not in os.environ:
-        zoo = Path(os.environ.get("EVOMERGE_CACHE", "~/.cache/evomerge")).expanduser() / "zoo"
-        ref = ref.replace("${EVOMERGE_ZOO}", str(zoo)).replace("$EVOMERGE_ZOO", str(zoo))
-    return os.path.expanduser(os.path.expandvars(ref))
-
-
-def _expand_paths(space: SearchSpace) -> SearchSpace:
+def _expand_paths(space: SearchConfig) -> SearchConfig:
     """`${VAR}` and `~` in model references, task files and recipe paths (the demo points at its zoo so)."""
-    space.models = {k: _expand(v) for k, v in space.models.items()}
-    space.tasks = [t.model_copy(update={"path": _expand(t.path)}) if t.path else t for t in space.tasks]
-    space.seed_recipes = [_expand(p) for p in space.seed_recipes]
+    space.models = {k: expand(v) for k, v in space.models.items()}
+    space.tasks = [t.model_copy(update={"path": expand(t.path)}) if t.path else t for t in space.tasks]
+    space.seed_recipes = [expand(p) for p in space.seed_recipes]
     if space.stacking is not None and space.stacking.ps_recipe:
-        space.stacking.ps_recipe = _expand(space.stacking.ps_recipe)
+        space.stacking.ps_recipe = expand(space.stacking.ps_recipe)
     return space

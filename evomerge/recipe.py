@@ -14,6 +14,8 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from evomerge.dtypes import DTYPES
+from evomerge.envvars import expand
 from evomerge.errors import ConfigError
 from evomerge.yamlio import load_mapping, validate
 
@@ -172,10 +174,8 @@ class Recipe(BaseModel):
 
     def expand_refs(self) -> "Recipe":
         """`${VAR}` and `~` in model references expanded (hand-written recipes may point at $EVOMERGE_ZOO)."""
-        import os
-
         def fix(ref: str | None) -> str | None:
-            return os.path.expanduser(os.path.expandvars(ref)) if ref else ref
+            return expand(ref) if ref else ref
 
         data = self.model_dump()
         data["base_model"] = fix(data["base_model"])
@@ -191,8 +191,6 @@ class Recipe(BaseModel):
             data["evomerge"]["target_model"] = fix(data["evomerge"].get("target_model"))
         return type(self).model_validate(data)
 
-
-DTYPES = ("float32", "float16", "bfloat16")
 
 
 class _RecipeDumper(yaml.SafeDumper):

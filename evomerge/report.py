@@ -13,15 +13,15 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from evomerge.errors import DataError
-from evomerge.store import RunStore, TrialRecord
+from evomerge.store import RunFolder, RunStore, TrialRecord
+from evomerge.tables import fmt, markdown_table
 
 
 def _plt():
@@ -31,22 +31,6 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return "-" if math.isnan(v) else f"{v:.4g}"
-    if isinstance(v, (list, tuple)):
-        return " / ".join(_fmt(x) for x in v)
-    return str(v).replace("|", "\\|").replace("\n", " ")
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def _flat_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -150,18 +134,19 @@ def _heldout_rows(data: Any) -> tuple[list[str], list[list[Any]]]:
 
 def write_report(run_dir: str | os.PathLike, *, top_k: int = 10) -> Path:
     """Write report.md and the plots for the run in `run_dir`; returns the path of report.md."""
-    run_dir = Path(run_dir)
+    folder = RunFolder(run_dir)
+    run_dir = folder.root
     store = RunStore.open(run_dir, verify_config=False)
     try:
         records = store.trials()
         objectives = store.directions
         attrs = store.attrs
         best = store.best(top_k, records=records)
-        pareto = store.pareto(records=records) if len(objectives) > 1 else []
+        pareto = store.pareto() if len(objectives) > 1 else []
     finally:
         store.close()
 
-    out = run_dir / "report"
+    out = folder.report
     out.mkdir(exist_ok=True)
     plots: list[tuple[str, str]] = []
     plot_fitness_per_trial(records, objectives, out / "fitness_per_trial.png")
@@ -199,9 +184,9 @@ def write_report(run_dir: str | os.PathLike, *, top_k: int = 10) -> Path:
     if merge_s:
         md.append(f"- mean seconds per merge: {np.mean(merge_s):.3g}; per evaluation: {np.mean(eval_s) if eval_s else float('nan'):.3g}")
     for k, v in meta.items():
-        md.append(f"- {k}: {_fmt(v)}")
+        md.append(f"- {k}: {fmt(v)}")
     if best:
-        md.append(f"- best: trial #{best[0].number}, values {_fmt(best[0].values)}")
+        md.append(f"- best: trial #{best[0].number}, values {fmt(best[0].values)}")
     md.append("")
 
     metric_cols: list[str] = []
@@ -218,29 +203,29 @@ def write_report(run_dir: str | os.PathLike, *, top_k: int = 10) -> Path:
         fm = _flat_metrics(r.metrics)
         rows.append([r.number, r.generation, r.values] + [fm.get(c) for c in metric_cols]
                     + [r.merge_seconds, r.eval_seconds])
-    md += [_table(header, rows) if rows else "No successful trial yet.", ""]
+    md += [markdown_table(header, rows) if rows else "No successful trial yet.", ""]
 
     failed = [r for r in records if r.status == "failed" and r.duplicate_of is None]
     if failed:
         reasons: dict[str, int] = {}
         for r in failed:
             reasons[r.error or "?"] = reasons.get(r.error or "?", 0) + 1
-        md += ["## Failures", "", _table(["reason", "trials"], sorted(reasons.items(), key=lambda x: -x[1])[:10]), ""]
+        md += ["## Failures", "", markdown_table(["reason", "trials"], sorted(reasons.items(), key=lambda x: -x[1])[:10]), ""]
 
-    heldout = run_dir / "heldout.json"
+    heldout = folder.heldout_json
     if heldout.exists():
         try:
             data = json.loads(heldout.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
             raise DataError(f"cannot read held-out results: {exc}", file=str(heldout)) from None
         head, hrows = _heldout_rows(data)
-        md += ["## Held-out evaluation", "", _table(head, hrows), ""]
+        md += ["## Held-out evaluation", "", markdown_table(head, hrows), ""]
 
     md += ["## Plots", ""]
     for title, rel in plots:
         md += [f"### {title}", "", f"![{title}]({rel})", ""]
     if best and best[0].recipe_yaml:
         md += [f"## Recipe of the best trial (#{best[0].number})", "", "```yaml", best[0].recipe_yaml.rstrip(), "```", ""]
-    path = run_dir / "report.md"
+    path = folder.report_md
     path.write_text("\n".join(md), encoding="utf-8")
     return path

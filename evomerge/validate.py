@@ -14,7 +14,7 @@ def _looks_local(ref: str) -> bool:
 
 def validate_space(path: str | Path) -> str:
     """Raise ConfigError on the first problem; return a one-line summary."""
-    from evomerge.space import ParameterSpace
+    from evomerge.spaces.parameter import ParameterSpace
 
     space, _ = load_search_space(path)
     base_dir = Path(path).resolve().parent

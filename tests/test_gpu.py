@@ -31,7 +31,7 @@ def test_resident_merge_on_cuda_equals_cpu(llama_family, offload):
 def test_materialize_on_cuda(llama_family, tmp_path):
     from safetensors.torch import load_file
 
-    from evomerge.export import materialize
+    from evomerge.merge.materialize import materialize
 
     recipe = _recipe(llama_family)
     a = load_file(str(materialize(recipe, tmp_path / "cpu", progress=False) / "model.safetensors"))

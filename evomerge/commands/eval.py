@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from evomerge.errors import ConfigError, ModelLoadError
+from evomerge.dtypes import DTYPES
+from evomerge.errors import ConfigError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", choices=["search", "heldout", "all"], default="all", help="which subset to score")
     p.add_argument("--n", type=int, default=None, help="score a seeded, stratified subset of N items per task")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--batch-tokens", type=int, default=8192, help="token budget per forward batch")
     p.add_argument("--chat-template", action="store_true", help="wrap prompts in the tokenizer's chat template")
     p.add_argument("--json", dest="json_out", default=None, help="also write metrics and split ids to this JSON file")
@@ -93,27 +94,11 @@ def parse_task_args(tasks: list[str], *, n: int | None, chat: bool) -> tuple[lis
 
 
 def load_model(ref: str, *, dtype: str, device: str):
-    """(model, tokenizer); uses evomerge.models.loading when present, else transformers directly."""
-    import torch
+    """(model, tokenizer) of a folder, hub id or GGUF file."""
+    from evomerge.dtypes import DTYPES
+    from evomerge.models.causal_lm import load_causal_lm
 
-    torch_dtype = getattr(torch, dtype)
-    try:
-        from evomerge.models.loading import load_causal_lm
-    except ImportError:
-        load_causal_lm = None
-    if load_causal_lm is not None:
-        return load_causal_lm(ref, dtype=torch_dtype, device=device)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    p = Path(ref)
-    kw = {"gguf_file": p.name} if p.suffix == ".gguf" else {}
-    where = str(p.parent) if kw else ref
-    try:
-        tok = AutoTokenizer.from_pretrained(where, **kw)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, **kw).to(device).eval()
-    except Exception as exc:
-        raise ModelLoadError(f"cannot load '{ref}' as a causal LM: {type(exc).__name__}: {str(exc)[:200]}") from None
-    return model, tok
+    return load_causal_lm(ref, dtype=DTYPES[dtype], device=device)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from evomerge.export import materialize
+    from evomerge.merge.materialize import materialize
     from evomerge.recipe import Recipe
 
     recipe = Recipe.load(args.recipe)

@@ -14,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from evomerge.search.run import resume_run
+    from evomerge.workflow.run import resume_run
 
     resume_run(args.run_dir, quiet=args.quiet, max_trials=args.trials)
     return 0

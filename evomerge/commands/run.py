@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from evomerge.search.run import start_run
+    from evomerge.workflow.run import start_run
 
     start_run(args.space, run_dir=args.run_dir, overwrite=args.overwrite, quiet=args.quiet, max_trials=args.trials)
     return 0

@@ -23,7 +23,7 @@ def run_demo(*, zoo_dir: str | Path | None = None, run_dir: str | Path = "runs/d
     import torch
 
     from evomerge.demo.zoo import build_zoo
-    from evomerge.search.run import start_run
+    from evomerge.workflow.run import start_run
 
     space = Path(space) if space else PRESET
     if not space.exists():

@@ -14,7 +14,6 @@ from evomerge.merge.registry import merge_tensor
 Fetch = Callable[[str, str], torch.Tensor]
 """fetch(model_ref, tensor_name) -> tensor in the compute dtype on the compute device."""
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def tensor_seed(seed: int, name: str) -> int:

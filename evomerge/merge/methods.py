@@ -45,14 +45,6 @@ __all__ = [
     "get_mask",
     "linear",
     "generalized_task_arithmetic",
-    "task_arithmetic",
-    "ties",
-    "dare_ties",
-    "dare_linear",
-    "breadcrumbs",
-    "breadcrumbs_ties",
-    "della",
-    "della_linear",
     "slerp",
     "nuslerp",
     "model_stock",
@@ -360,92 +352,6 @@ def generalized_task_arithmetic(
     if lambda_ != 1:
         mixed *= lambda_
     return (base + mixed).to(base.dtype)
-
-
-def task_arithmetic(base, tensors, weights, *, normalize: bool = False, lambda_: float = 1.0) -> torch.Tensor:
-    """``base + lambda * sum(w_i * (m_i - base))`` (normalize off by default)."""
-    return generalized_task_arithmetic(
-        base, tensors, weights, sparsification=None, consensus=None, normalize=normalize, lambda_=lambda_
-    )
-
-
-def ties(
-    base, tensors, weights, densities=None, *, normalize: bool = True, lambda_: float = 1.0,
-    rescale: bool = False, int8_mask: bool = False,
-) -> torch.Tensor:
-    """TIES: magnitude trim, sign election by sum, disjoint mean (normalize on)."""
-    return generalized_task_arithmetic(
-        base, tensors, weights, densities, sparsification="magnitude", consensus="sum",
-        normalize=normalize, lambda_=lambda_, rescale=rescale, int8_mask=int8_mask,
-    )
-
-
-def dare_ties(
-    base, tensors, weights, densities=None, *, normalize: bool = False, lambda_: float = 1.0,
-    rescale: bool = True, int8_mask: bool = False, generator: Optional[torch.Generator] = None,
-) -> torch.Tensor:
-    """DARE + TIES sign consensus; L1 rescale on, normalize off (mergekit defaults)."""
-    return generalized_task_arithmetic(
-        base, tensors, weights, densities, sparsification="random", consensus="sum",
-        normalize=normalize, lambda_=lambda_, rescale=rescale, int8_mask=int8_mask, generator=generator,
-    )
-
-
-def dare_linear(
-    base, tensors, weights, densities=None, *, normalize: bool = False, lambda_: float = 1.0,
-    rescale: bool = True, generator: Optional[torch.Generator] = None,
-) -> torch.Tensor:
-    """DARE without consensus; L1 rescale on, normalize off (mergekit defaults)."""
-    return generalized_task_arithmetic(
-        base, tensors, weights, densities, sparsification="random", consensus=None,
-        normalize=normalize, lambda_=lambda_, rescale=rescale, generator=generator,
-    )
-
-
-def breadcrumbs(
-    base, tensors, weights, densities=None, gammas=None, *, normalize: bool = False,
-    lambda_: float = 1.0, rescale: bool = False,
-) -> torch.Tensor:
-    """Model Breadcrumbs (gamma default 0.01), no consensus, normalize off."""
-    return generalized_task_arithmetic(
-        base, tensors, weights, densities, sparsification="magnitude_outliers", consensus=None,
-        normalize=normalize, lambda_=lambda_, rescale=rescale, gammas=gammas,
-    )
-
-
-def breadcrumbs_ties(
-    base, tensors, weights, densities=None, gammas=None, *, normalize: bool = False,
-    lambda_: float = 1.0, rescale: bool = False, int8_mask: bool = False,
-) -> torch.Tensor:
-    """Model Breadcrumbs with TIES sign consensus; normalize off (mergekit default)."""
-    return generalized_task_arithmetic(
-        base, tensors, weights, densities, sparsification="magnitude_outliers", consensus="sum",
-        normalize=normalize, lambda_=lambda_, rescale=rescale, gammas=gammas, int8_mask=int8_mask,
-    )
-
-
-def della(
-    base, tensors, weights, densities=None, epsilons=None, *, normalize: bool = True,
-    lambda_: float = 1.0, rescale: bool = True, int8_mask: bool = False,
-    generator: Optional[torch.Generator] = None,
-) -> torch.Tensor:
-    """DELLA (epsilon default 0.15) with consensus; normalize and rescale on."""
-    return generalized_task_arithmetic(
-        base, tensors, weights, densities, sparsification="della_magprune", consensus="sum",
-        normalize=normalize, lambda_=lambda_, rescale=rescale, epsilons=epsilons,
-        int8_mask=int8_mask, generator=generator,
-    )
-
-
-def della_linear(
-    base, tensors, weights, densities=None, epsilons=None, *, normalize: bool = False,
-    lambda_: float = 1.0, rescale: bool = True, generator: Optional[torch.Generator] = None,
-) -> torch.Tensor:
-    """DELLA without consensus; rescale on, normalize off."""
-    return generalized_task_arithmetic(
-        base, tensors, weights, densities, sparsification="della_magprune", consensus=None,
-        normalize=normalize, lambda_=lambda_, rescale=rescale, epsilons=epsilons, generator=generator,
-    )
 
 
 # ------------------------------------------------------------------------- linear

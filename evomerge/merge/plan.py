@@ -221,3 +221,21 @@ def validate_parameters(recipe: Recipe, *, source: str = "<recipe>") -> None:
                 except ConfigError as exc:
                     raise ConfigError(exc.detail, file=source, key=f"{where}.{name}",
                                       allowed=known[name].allowed) from None
+
+
+def output_config(plan: MergePlan, sources: dict, out_dtype: str):
+    """The target's config with the merged layer count (and per-layer lists like layer_types) updated."""
+    import copy
+
+    cfg = copy.deepcopy(sources[plan.target].config)
+    layer_types = getattr(cfg, "layer_types", None)
+    if isinstance(layer_types, list):
+        new_types = []
+        for sl in plan.slices:
+            src = sl.sources[0]
+            src_types = getattr(sources[src.model].config, "layer_types", None) or layer_types
+            new_types.extend(src_types[src.layer_range[0]:src.layer_range[1]])
+        cfg.layer_types = new_types
+    cfg.num_hidden_layers = plan.num_layers
+    cfg.dtype = out_dtype
+    return cfg

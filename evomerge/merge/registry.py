@@ -105,6 +105,7 @@ class MethodSpec:
     min_models: int = 1
     max_models: Optional[int] = None
     random: bool = False
+    searchable: bool = True  # a search space may evolve its parameters (see evomerge/spaces/parameter.py)
     doc: str = ""
     fn: Callable[..., torch.Tensor] = field(default=None, repr=False, compare=False)
 
@@ -218,13 +219,13 @@ METHODS: dict[str, MethodSpec] = {
                    doc="spherical interpolation between the base and one model"),
         MethodSpec("nuslerp", "optional",
                    (_weight(), _bool("nuslerp_row_wise", False), _bool("nuslerp_flatten", True)),
-                   min_models=2, max_models=2, fn=_nuslerp,
+                   min_models=2, max_models=2, fn=_nuslerp, searchable=False,
                    doc="slerp of two models (or their task vectors when a base is given)"),
         MethodSpec("model_stock", "required", (_bool("filter_wise", False),), min_models=2,
-                   fn=_model_stock, doc="Model Stock: geometric interpolation towards the average"),
+                   fn=_model_stock, searchable=False, doc="Model Stock: geometric interpolation towards the average"),
         MethodSpec("passthrough", "unused",
                    (ParamSpec("scale", default=None, per_model=True, doc="optional multiplier"),),
-                   min_models=1, max_models=1, fn=_passthrough,
+                   min_models=1, max_models=1, fn=_passthrough, searchable=False,
                    doc="copy one model's tensor (layer stacking), optionally scaled"),
     )
 }

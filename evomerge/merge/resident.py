@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
+from evomerge.dtypes import DTYPES
 from evomerge.errors import ConfigError, ModelLoadError
-from evomerge.merge.execute import DTYPES, compute_tensor
+from evomerge.merge.execute import compute_tensor
 from evomerge.merge.fast_ties import MagnitudeThresholds, ties_merge_fast
 from evomerge.merge.plan import MergePlan, TensorPlan, build_plan
 from evomerge.merge.session import MergeSession
@@ -109,7 +110,7 @@ class ResidentMerger:
     def _live_model(self):
         from transformers import AutoModelForCausalLM
 
-        from evomerge.export import output_config
+        from evomerge.merge.materialize import output_config
 
         cfg = output_config(self.plan, self.session.sources, str(self.dtype).removeprefix("torch."))
         with torch.device(self.device):

@@ -7,11 +7,13 @@ from typing import Callable, Iterator
 
 import torch
 
+from evomerge.dtypes import DTYPES
 from evomerge.errors import ConfigError, EvomergeError, ModelLoadError
-from evomerge.merge.execute import DTYPES, compute_tensor
+from evomerge.merge.execute import compute_tensor
 from evomerge.merge.plan import MergePlan, build_plan
+from evomerge.models.compat import check_mergeable
 from evomerge.models.layout import ModelLayout
-from evomerge.models.loading import WeightSource, check_mergeable, open_model
+from evomerge.models.sources import WeightSource, open_model
 from evomerge.recipe import Recipe
 
 
@@ -62,9 +64,9 @@ class MergeSession:
             raise ModelLoadError(f"model '{model}' has no tensor '{name}'") from None
 
     def iter_merged(self, *, progress: bool = False, description: str = "merging") -> Iterator[tuple[str, torch.Tensor]]:
-        from evomerge.progress import track
+        from rich.progress import track
 
-        for tp in track(self.plan.tensors, description=description, enabled=progress):
+        for tp in track(self.plan.tensors, description=description, disable=not progress, transient=True):
             try:
                 yield tp.out_name, compute_tensor(self.plan, tp, self.fetch, aligners=self.aligners)
             except EvomergeError:

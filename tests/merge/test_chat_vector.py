@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from evomerge.export import materialize
+from evomerge.merge.materialize import materialize
 from evomerge.models.tiny import DEFAULT_ALPHABET, char_tokenizer, perturbed, random_model, save_model, tiny_config
 from evomerge.recipe import Recipe
 

@@ -1,4 +1,4 @@
-"""Whole-model equivalence with mergekit 0.1.5: the same recipe through `evomerge.export.materialize` and
+"""Whole-model equivalence with mergekit 0.1.5: the same recipe through `evomerge.merge.materialize.materialize` and
 mergekit's `run_merge` gives the same tensors (float32: <= 1e-6 abs; bfloat16: <= 1 ulp)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from evomerge.export import materialize
+from evomerge.merge.materialize import materialize
 from evomerge.recipe import Recipe
 
 RECIPES = {

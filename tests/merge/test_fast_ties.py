@@ -7,8 +7,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from evomerge.merge import methods as M
 from evomerge.merge.fast_ties import MagnitudeThresholds, ties_merge_fast
+from evomerge.merge.registry import merge_tensor
+
+
+def ties(base, models, weights, densities, *, normalize=None, lambda_=None):
+    """TIES through the registry (mergekit's defaults), as the recipe engine calls it."""
+    params = {"weight": list(weights), "density": list(densities)}
+    if normalize is not None:
+        params["normalize"] = normalize
+    if lambda_ is not None:
+        params["lambda"] = lambda_
+    return merge_tensor("ties", base, models, params)
+
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -52,7 +63,7 @@ def test_identical_to_methods_ties_float32(normalize, lambda_, device):
     th = [MagnitudeThresholds(d) for d in deltas]
     weights = [0.7, 1.1, -0.4]
     for densities in ([0.3, 0.5, 0.9], [0.001, 0.25, 1.0], [0.8, 0.8, 0.8]):
-        ref = M.ties(base, models, weights, densities, normalize=normalize, lambda_=lambda_)
+        ref = ties(base, models, weights, densities, normalize=normalize, lambda_=lambda_)
         out = ties_merge_fast(base, deltas, th, weights, densities, normalize=normalize, lambda_=lambda_)
         assert torch.equal(out, ref), densities
 
@@ -62,7 +73,7 @@ def test_off_grid_density_still_exact():
     th = [MagnitudeThresholds(d, steps=100) for d in deltas]
     densities = [0.12345, 0.4321, 0.9]
     assert not th[0].on_grid(0.12345)
-    ref = M.ties(base, models, [1.0, 0.5, 0.8], densities)
+    ref = ties(base, models, [1.0, 0.5, 0.8], densities)
     assert torch.equal(ties_merge_fast(base, deltas, th, [1.0, 0.5, 0.8], densities), ref)
 
 
@@ -89,7 +100,7 @@ def test_bfloat16_merge_differs_only_where_a_delta_ties_its_threshold():
     base, models, deltas = make((96, 128), torch.bfloat16)
     th = [MagnitudeThresholds(d) for d in deltas]
     weights, densities = [0.7, 1.1, 0.4], [0.3, 0.5, 0.8]
-    ref = M.ties(base, models, weights, densities)
+    ref = ties(base, models, weights, densities)
     out = ties_merge_fast(base, deltas, th, weights, densities)
     differs = out != ref
     at_threshold = torch.zeros_like(differs)
@@ -103,7 +114,7 @@ def test_bfloat16_argsort_tie_break_is_bit_identical():
     th = [MagnitudeThresholds(d, tie_break="argsort") for d in deltas]
     weights = [0.7, 1.1, -0.4]
     for densities in ([0.3, 0.5, 0.9], [0.05, 0.6, 1.0]):
-        ref = M.ties(base, models, weights, densities)
+        ref = ties(base, models, weights, densities)
         assert torch.equal(ties_merge_fast(base, deltas, th, weights, densities), ref)
 
 
@@ -114,13 +125,13 @@ def test_writes_in_place_into_out():
     ptr = out.data_ptr()
     res = ties_merge_fast(base, deltas, th, [1.0, 1.0, 1.0], [0.5, 0.5, 0.5], out=out)
     assert res is out and out.data_ptr() == ptr
-    assert torch.equal(out, M.ties(base, models, [1.0, 1.0, 1.0], [0.5, 0.5, 0.5]))
+    assert torch.equal(out, ties(base, models, [1.0, 1.0, 1.0], [0.5, 0.5, 0.5]))
 
 
 def test_zero_density_and_zero_weight_drop_the_model():
     base, models, deltas = make((40,), torch.float32)
     th = [MagnitudeThresholds(d) for d in deltas]
     out = ties_merge_fast(base, deltas, th, [1.0, 0.0, 1.0], [0.5, 0.5, 0.0])
-    ref = M.ties(base, models[:1], [1.0], [0.5])
+    ref = ties(base, models[:1], [1.0], [0.5])
     assert torch.equal(out, ref)
     assert torch.equal(th[0].mask(0.0), torch.zeros(40, dtype=torch.bool))

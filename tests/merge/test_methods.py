@@ -80,23 +80,12 @@ def test_task_arithmetic_family(name, params, shape, dtype):
     ref = mergekit(name, base, models, params)
     assert_equivalent(merge_tensor(name, base, models, params), ref)
 
-    fn = getattr(M, name)
-    kwargs = {"normalize": params.get("normalize", METHODS[name].param("normalize").default),
-              "lambda_": params.get("lambda", 1.0)}
-    if name != "task_arithmetic":
-        kwargs["rescale"] = params.get("rescale", False)
-        kwargs["densities"] = params["density"]
-    if "gamma" in params:
-        g = params["gamma"]
-        kwargs["gammas"] = g if isinstance(g, list) else [g] * 3
-    assert_equivalent(fn(base, models, WEIGHTS, **kwargs), ref)
-
 
 def test_ties_sign_election_and_disjoint_mean_by_hand():
     """Small case worked by hand: zero sum elects +, divisor counts agreeing weights."""
     base = torch.zeros(4)
     models = [torch.tensor([1.0, -2.0, 1.0, 0.0]), torch.tensor([-1.0, 1.0, 3.0, 0.0])]
-    out = M.ties(base, models, [1.0, 1.0], [1.0, 1.0])
+    out = merge_tensor("ties", base, models, {"weight": [1.0, 1.0], "density": [1.0, 1.0]})
     # col0: sum 0 -> '+' wins: 1/1; col1: sum -1 -> '-': -2/1; col2: 4/2; col3: no agreement -> 0
     assert torch.equal(out, torch.tensor([1.0, -2.0, 2.0, 0.0]))
 
@@ -252,11 +241,15 @@ def test_density_one_equals_deterministic_counterparts():
     g = _gen(5)
     ta_consensus = M.generalized_task_arithmetic(
         base, models, WEIGHTS, sparsification=None, consensus="sum", normalize=False)
-    assert torch.equal(M.dare_ties(base, models, WEIGHTS, ones, generator=g), ta_consensus)
-    assert torch.equal(M.ties(base, models, WEIGHTS, ones, normalize=False), ta_consensus)
-    assert torch.equal(M.dare_linear(base, models, WEIGHTS, ones, generator=g), M.task_arithmetic(base, models, WEIGHTS))
-    assert torch.equal(M.della(base, models, WEIGHTS, ones, generator=g), M.ties(base, models, WEIGHTS, ones))
-    assert torch.equal(M.della_linear(base, models, WEIGHTS, ones, generator=g), M.task_arithmetic(base, models, WEIGHTS))
+
+    def merged(name, **params):
+        return merge_tensor(name, base, models, {"weight": WEIGHTS, **params}, generator=g)
+
+    assert torch.equal(merged("dare_ties", density=ones), ta_consensus)
+    assert torch.equal(merged("ties", density=ones, normalize=False), ta_consensus)
+    assert torch.equal(merged("dare_linear", density=ones), merged("task_arithmetic"))
+    assert torch.equal(merged("della", density=ones), merged("ties", density=ones))
+    assert torch.equal(merged("della_linear", density=ones), merged("task_arithmetic"))
 
 
 # ------------------------------------------------------------ registry / errors

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from evomerge.export import materialize
+from evomerge.merge.materialize import materialize
 from evomerge.merge.resident import ResidentMerger
 from evomerge.recipe import Recipe
 

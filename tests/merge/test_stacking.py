@@ -17,7 +17,12 @@ import yaml
 from evomerge.errors import ConfigError
 from evomerge.merge.dfs import DfsSpace
 from evomerge.merge.stacking import (
-    build_stacked_model, cumulative_scales, dus_path, dus_recipe, fold_scales, stacked_config,
+    build_stacked_model,
+    cumulative_scales,
+    dus_path,
+    dus_recipe,
+    fold_scales,
+    stacked_config,
     to_passthrough_recipe,
 )
 from evomerge.models.tiny import char_tokenizer, perturbed, random_model, save_model, tiny_config

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from evomerge.models.layout import ModelLayout, ParamInfo, ParamKind
-from evomerge.models.loading import open_model
+from evomerge.models.sources import open_model
 from evomerge.models.tiny import random_model, tiny_config
 
 # family -> per-layer tensors by kind (what transformers' own classes hold)

@@ -10,8 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from evomerge.errors import ModelLoadError
-from evomerge.models.loading import (GGUFSource, InMemorySource, SafetensorsSource, check_mergeable,
-                                     load_causal_lm, open_model)
+from evomerge.models.causal_lm import load_causal_lm
+from evomerge.models.compat import check_mergeable
+from evomerge.models.gguf import GGUFSource
+from evomerge.models.sources import InMemorySource, SafetensorsSource, open_model
 from evomerge.models.tiny import char_tokenizer, random_model, save_model, tiny_config
 
 

@@ -9,8 +9,14 @@ import torch
 
 from evomerge.errors import ConfigError
 from evomerge.models.tiny import SPECIAL_TOKENS, char_tokenizer
-from evomerge.models.vocab import (EMBEDDING_POLICIES, align_rows, align_vocab, check_policy, embedding_report,
-                                   vocab_index_map)
+from evomerge.models.vocab import (
+    EMBEDDING_POLICIES,
+    align_rows,
+    align_vocab,
+    check_policy,
+    embedding_report,
+    vocab_index_map,
+)
 
 ENGLISH = string.ascii_lowercase + string.digits + " .?"
 KOREAN = "가나다라마바사아자차카타파하정답"

@@ -48,8 +48,8 @@ def _space(fam: dict[str, Path], tmp: Path) -> Path:
 
 
 def fingerprint(fam: dict[str, Path], tmp: Path) -> list[dict]:
-    from evomerge.search.run import start_run
     from evomerge.store import RunStore
+    from evomerge.workflow.run import start_run
 
     run = start_run(_space(fam, tmp), quiet=True)
     store = RunStore.open(run)

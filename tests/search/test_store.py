@@ -15,7 +15,6 @@ from evomerge.errors import ConfigError
 from evomerge.store import RunStore
 from evomerge.store.locks import this_worker
 
-
 CONFIG = "models: [a, b]\nmethod: ties\n"
 pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 

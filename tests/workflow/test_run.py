@@ -62,7 +62,7 @@ def _space(fam, tmp_path, **over) -> Path:
 
 
 def test_short_search_completes_and_leaves_a_full_run_folder(llama_family, tmp_path):
-    from evomerge.search.run import start_run
+    from evomerge.workflow.run import start_run
 
     run = start_run(_space(llama_family, tmp_path), quiet=True)
     for name in ("config.yaml", "study.db", "best.yaml", "heldout.json", "heldout.md", "splits.json", "report.md",
@@ -92,15 +92,15 @@ def test_short_search_completes_and_leaves_a_full_run_folder(llama_family, tmp_p
 
 def test_live_candidate_equals_evomerge_merge_of_its_exported_recipe(llama_family, tmp_path):
     from evomerge.config import load_search_space
-    from evomerge.export import materialize
-    from evomerge.search.run import build_context
+    from evomerge.merge.materialize import materialize
+    from evomerge.workflow.context import build_context
 
     path = _space(llama_family, tmp_path)
     space, text = load_search_space(path)
     ctx = build_context(space, text, source=str(path), base_dir=tmp_path)
-    genome = np.random.default_rng(1).random(ctx.pspace.dim)
-    recipe = ctx.pspace.decode(genome)
-    np.testing.assert_allclose(ctx.pspace.encode(recipe), genome, atol=1e-3)  # the inverse map
+    genome = np.random.default_rng(1).random(ctx.space.dim)
+    recipe = ctx.space.decode(genome)
+    np.testing.assert_allclose(ctx.space.encode(recipe), genome, atol=1e-3)  # the inverse map
     live = {k: v.clone() for k, v in ctx.merger.merge(recipe).state_dict().items()}
     (tmp_path / "cand.yaml").write_text(recipe.to_yaml())
     out = materialize(Recipe.load(tmp_path / "cand.yaml"), tmp_path / "out", progress=False, copy_tokenizer=False)
@@ -122,7 +122,7 @@ def score(model, tokenizer):
 
 
 def test_failures_are_recorded_and_the_run_completes(llama_family, tmp_path):
-    from evomerge.search.run import start_run
+    from evomerge.workflow.run import start_run
 
     (tmp_path / "flaky.py").write_text(FLAKY)
     tasks = [{"name": "flaky", "kind": "custom", "function": str(tmp_path / "flaky.py") + ":score"}]
@@ -198,7 +198,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(llama_family, tmp_path):
     ({"merge_method": "ties-ish"}, "merge_method"),
 ])
 def test_bad_search_spaces(change, key, llama_family, tmp_path):
-    from evomerge.search.run import start_run
+    from evomerge.workflow.run import start_run
 
     with pytest.raises(ConfigError) as err:
         start_run(_space(llama_family, tmp_path, **change), quiet=True)
@@ -208,7 +208,7 @@ def test_bad_search_spaces(change, key, llama_family, tmp_path):
 
 
 def test_models_that_cannot_be_merged(llama_family, qwen2_family, tmp_path):
-    from evomerge.search.run import start_run
+    from evomerge.workflow.run import start_run
 
     fam = dict(llama_family) | {"c": qwen2_family["c"]}
     with pytest.raises(ConfigError, match="models"):
@@ -216,7 +216,7 @@ def test_models_that_cannot_be_merged(llama_family, qwen2_family, tmp_path):
 
 
 def test_unwritable_run_folder(llama_family, tmp_path):
-    from evomerge.search.run import start_run
+    from evomerge.workflow.run import start_run
 
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")  # (tests run as root here, so permissions alone would not block)
@@ -225,7 +225,7 @@ def test_unwritable_run_folder(llama_family, tmp_path):
 
 
 def test_resume_refuses_an_edited_config(llama_family, tmp_path):
-    from evomerge.search.run import resume_run, start_run
+    from evomerge.workflow.run import resume_run, start_run
 
     run = start_run(_space(llama_family, tmp_path, budget={"trials": 4},
                            heldout={"sources": False, "baselines": False}), quiet=True)
@@ -238,7 +238,7 @@ def test_resume_refuses_an_edited_config(llama_family, tmp_path):
 
 
 def test_multi_objective_search_writes_the_pareto_set(llama_family, tmp_path):
-    from evomerge.search.run import start_run
+    from evomerge.workflow.run import start_run
 
     mcq = str(_mcq_file(tmp_path / "mcq.jsonl"))
     tasks = [{"name": "odd", "kind": "mcq", "path": mcq, "n_search": 6, "n_heldout": 6, "seed": 1,
@@ -261,7 +261,7 @@ def test_multi_objective_search_writes_the_pareto_set(llama_family, tmp_path):
 
 
 def test_resume_resolves_env_vars_as_when_the_run_started(llama_family, tmp_path, monkeypatch):
-    from evomerge.search.run import resume_run, start_run
+    from evomerge.workflow.run import resume_run, start_run
 
     _mcq_file(tmp_path / "mcq.jsonl")
     monkeypatch.setenv("EVOMERGE_TEST_DATA", str(tmp_path))

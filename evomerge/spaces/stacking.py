@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evomerge.config import SearchSpace
+from evomerge.config import SearchConfig
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.merge.dfs import DfsSpace, check_stackable
 from evomerge.merge.stacking import build_stacked_model, to_passthrough_recipe
+from evomerge.models.sources import WeightSource
 from evomerge.recipe import Recipe
 
 
@@ -37,17 +38,17 @@ class StackCandidate:
 
 
 class StackSpace:
-    def __init__(self, space: SearchSpace, refs: dict[str, str], sources: dict, *, source: str = "<space>",
+    def __init__(self, config: SearchConfig, refs: dict[str, str], sources: dict, *, source: str = "<space>",
                  run_dir: Path | None = None, base_dir: Path = Path(".")):
-        st = space.stacking
+        st = config.stacking
         assert st is not None
-        self.space, self.st, self.source = space, st, source
-        names = list(st.models or space.models)
+        self.config, self.st, self.source = config, st, source
+        names = list(st.models or config.models)
         for n in names + ([st.target] if st.target else []):
-            if n not in space.models:
-                raise ConfigError(f"'{n}' is not one of models: {sorted(space.models)}", file=source,
+            if n not in config.models:
+                raise ConfigError(f"'{n}' is not one of models: {sorted(config.models)}", file=source,
                                   key="stacking.models")
-        target = st.target or space.base_model or names[0]
+        target = st.target or config.base_model or names[0]
         if st.mode == "dus":
             names = [target]
         if target not in names:
@@ -60,7 +61,7 @@ class StackSpace:
                 raise ConfigError("PS+DFS needs the run folder to hold the parameter-space merge", file=source,
                                   key="stacking.ps_recipe")
             ps_ref = self._materialize_ps(run_dir, base_dir)
-            from evomerge.models.loading import open_model
+            from evomerge.models.sources import open_model
 
             self.names.insert(0, "ps_merge")
             self.refs.insert(0, ps_ref)
@@ -85,7 +86,7 @@ class StackSpace:
             self.dim = 1 if st.drop is not None else 2
 
     def _materialize_ps(self, run_dir: Path, base_dir: Path) -> str:
-        from evomerge.export import materialize
+        from evomerge.merge.materialize import materialize
 
         folder = Path(run_dir) / "ps_model"
         if not (folder / "config.json").exists():
@@ -112,14 +113,14 @@ class StackSpace:
 
     def decode(self, genome: np.ndarray) -> StackCandidate:
         path, scales = self.path_of(genome)
-        recipe = to_passthrough_recipe(path, scales, self.refs, self.target_index, dtype=self.space.dtype)
+        recipe = to_passthrough_recipe(path, scales, self.refs, self.target_index, dtype=self.config.dtype)
         return StackCandidate(path, scales, Recipe.from_dict(recipe, source=self.source))
 
     def encode(self, recipe: Recipe) -> np.ndarray:
         raise ConfigError("seed_recipes are not supported for stacking searches", file=self.source,
                           key="seed_recipes")
 
-    def initial_genome(self) -> np.ndarray:
+    def initial_genome(self) -> np.ndarray | None:
         if self.st.mode == "dfs":
             return self.dfs.encode(self.dfs.identity_path())
         return np.full(self.dim, 0.5)
@@ -134,18 +135,21 @@ class StackSpace:
         text = repr((path, [round(s, 4) for s in scales]))
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
-    def make_merger(self, sources: dict) -> "StackMerger":
-        return StackMerger(self)
+    def tokenizer_source(self) -> WeightSource:
+        return self.sources[self.target_index]
+
+    def make_merger(self, *, device: str, offload: str) -> StackMerger:
+        return StackMerger(self, device=device)
 
 
 class StackMerger:
     """Source models live on the device; a candidate is a stack of their layers (no weight copies)."""
 
-    def __init__(self, space: StackSpace):
-        from evomerge.models.loading import load_causal_lm
+    def __init__(self, space: StackSpace, *, device: str):
+        from evomerge.models.causal_lm import load_causal_lm
 
-        dtype = getattr(torch, space.space.dtype)
-        self.models = [load_causal_lm(src, dtype=dtype, device=space.space.device)[0].eval()
+        dtype = getattr(torch, space.config.dtype)
+        self.models = [load_causal_lm(src, dtype=dtype, device=device)[0].eval()
                        for src in space.sources]
         self.target = self.models[space.target_index]
 

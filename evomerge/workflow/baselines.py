@@ -3,7 +3,7 @@ chosen on the search split, exactly as a person tuning a mergekit YAML by hand w
 
 from __future__ import annotations
 
-from evomerge.config import SearchSpace
+from evomerge.config import SearchConfig
 from evomerge.recipe import Recipe
 
 TIES_GRID = [(w, d) for w in (0.5, 1.0) for d in (0.3, 0.5, 0.7, 1.0)]
@@ -11,7 +11,7 @@ TA_GRID = (0.25, 0.5, 0.75, 1.0)
 SLERP_GRID = (0.25, 0.5, 0.75)
 
 
-def uniform_baselines(space: SearchSpace, refs: dict[str, str]) -> dict[str, list[Recipe]]:
+def uniform_baselines(space: SearchConfig, refs: dict[str, str]) -> dict[str, list[Recipe]]:
     """label -> candidate recipes (the best on the search split is reported on the held-out split)."""
     common = {"dtype": space.dtype, "evomerge": {"seed": space.seed, "embeddings": space.embeddings}}
     base = space.base_model

@@ -3,7 +3,6 @@ exported passthrough recipe reproduces the live stacked model through `evomerge 
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -13,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from evomerge.errors import ConfigError
 from evomerge.recipe import Recipe
 from evomerge.store import RunStore
-from tests.search.test_run import _mcq_file, kill_resume_and_compare
+from tests.workflow.test_run import _mcq_file, kill_resume_and_compare
 
 
 def _space(fam, tmp_path, stacking: dict, **over):
@@ -37,8 +36,9 @@ def _space(fam, tmp_path, stacking: dict, **over):
 
 def test_dfs_search_end_to_end_and_export_matches_live(llama_family, tmp_path):
     from evomerge.config import load_search_space
-    from evomerge.export import materialize
-    from evomerge.search.run import build_context, start_run
+    from evomerge.merge.materialize import materialize
+    from evomerge.workflow.context import build_context
+    from evomerge.workflow.run import start_run
 
     path = _space(llama_family, tmp_path, {"mode": "dfs", "models": ["a", "b"], "target": "a", "repeats": 2,
                                           "max_length": 8, "scale_range": [0.7, 1.3]})
@@ -52,8 +52,8 @@ def test_dfs_search_end_to_end_and_export_matches_live(llama_family, tmp_path):
     # a random candidate: live stacked model vs evomerge merge vs mergekit of its exported recipe
     space, text = load_search_space(path)
     ctx = build_context(space, text, source=str(path), base_dir=tmp_path)
-    genome = np.random.default_rng(5).random(ctx.pspace.dim)
-    cand = ctx.pspace.decode(genome)
+    genome = np.random.default_rng(5).random(ctx.space.dim)
+    cand = ctx.space.decode(genome)
     assert len(set(cand.path)) < len(cand.path) or len(cand.path) > 2  # a real path through several layers
     live = ctx.merger.merge(cand)
     out = materialize(cand.recipe, tmp_path / "ours", progress=False)
@@ -100,7 +100,7 @@ def test_ps_plus_dfs_kill_9_and_resume(llama_family, tmp_path):
 
 @pytest.mark.parametrize("drop", [None, 1])
 def test_dus_search_and_fixed_dus(drop, llama_family, tmp_path):
-    from evomerge.search.run import start_run
+    from evomerge.workflow.run import start_run
 
     stacking = {"mode": "dus", "target": "a"} | ({"drop": drop} if drop else {})
     run = start_run(_space(llama_family, tmp_path, stacking, budget={"trials": 4}), quiet=True)
@@ -116,7 +116,7 @@ def test_dus_search_and_fixed_dus(drop, llama_family, tmp_path):
 
 def test_stacking_bad_input(llama_family, tmp_path):
     from evomerge.models.tiny import char_tokenizer, random_model, save_model, tiny_config
-    from evomerge.search.run import start_run
+    from evomerge.workflow.run import start_run
 
     with pytest.raises(ConfigError, match="max_len"):
         start_run(_space(llama_family, tmp_path, {"mode": "dfs", "max_length": 1}), quiet=True)

@@ -16,9 +16,9 @@ from typing import Iterator
 import torch
 from safetensors.torch import save_file
 
+from evomerge.dtypes import DTYPES
 from evomerge.errors import ConfigError, EvomergeError, ModelLoadError
-from evomerge.merge.execute import DTYPES
-from evomerge.merge.plan import MergePlan
+from evomerge.merge.plan import output_config
 from evomerge.recipe import Recipe
 
 
@@ -105,30 +105,12 @@ class ShardWriter:
         return files
 
 
-def output_config(plan: MergePlan, sources: dict, out_dtype: str):
-    """The target's config with the merged layer count (and per-layer lists like layer_types) updated."""
-    import copy
-
-    cfg = copy.deepcopy(sources[plan.target].config)
-    layer_types = getattr(cfg, "layer_types", None)
-    if isinstance(layer_types, list):
-        new_types = []
-        for sl in plan.slices:
-            src = sl.sources[0]
-            src_types = getattr(sources[src.model].config, "layer_types", None) or layer_types
-            new_types.extend(src_types[src.layer_range[0]:src.layer_range[1]])
-        cfg.layer_types = new_types
-    cfg.num_hidden_layers = plan.num_layers
-    cfg.dtype = out_dtype
-    return cfg
-
-
 def model_card(recipe: Recipe, files: list[str]) -> str:
     models = "\n".join(f"- `{m}`" for m in recipe.referenced_models())
     return (
         "---\nlibrary_name: transformers\ntags:\n- merge\n- evomerge\n- mergekit\n---\n\n"
         "# Merged model\n\n"
-        f"Made with [evomerge](https://github.com/) using the **{recipe.merge_method}** method.\n\n"
+        f"Made with evomerge (evolutionary merge-recipe search) using the **{recipe.merge_method}** method.\n\n"
         f"## Source models\n\n{models}\n\n"
         "## Recipe\n\nThis YAML reproduces the merge with `evomerge merge` or `mergekit-yaml`:\n\n"
         f"```yaml\n{recipe.to_yaml()}```\n\n"

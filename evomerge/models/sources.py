@@ -4,29 +4,23 @@ Merging reads one tensor at a time (safetensors `safe_open`), so a model never h
 as a whole; only GGUF and legacy `.bin` files, which cannot be read that way, are held in memory.
 Every failure a user can cause is raised as `ModelLoadError` naming the ref or path.
 """
-
 from __future__ import annotations
 
 import json
 import logging
 import re
 from abc import ABC, abstractmethod
-from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from evomerge.dtypes import SAFETENSORS_DTYPES
 from evomerge.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "tokenizer*", "*.model", "*.tiktoken",
                 "merges.txt", "vocab.txt"]
@@ -240,146 +234,6 @@ def _bin_state_dict(path: Path, files: list[Path]) -> dict[str, torch.Tensor]:
     return sd
 
 
-# --------------------------------------------------------------------------- GGUF
-
-class GGUFSource(WeightSource):
-    """A GGUF file, dequantized by transformers on first tensor access (the state dict then lives in memory).
-
-    Names, shapes and the config are known without dequantizing: they come from the config and a model
-    built on the meta device.
-    """
-
-    kind = "gguf"
-
-    def __init__(self, ref: str, path: Path, *, trust_remote_code: bool = False):
-        super().__init__(ref, path, trust_remote_code=trust_remote_code)
-        from transformers import AutoConfig
-
-        self._reader = None
-        try:
-            with self._shared_reader():
-                self._config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-        except Exception as exc:
-            raise ModelLoadError(f"{path}: cannot read the GGUF file ({_short(exc)})") from None
-        self._sd: dict[str, torch.Tensor] | None = None
-        self._tok = None
-
-    @contextmanager
-    def _shared_reader(self):
-        """Two memoizations while transformers reads this file; together they cut the GGUF load time by
-        more than half, with the same result:
-        - transformers builds a new `gguf.GGUFReader` for the config, the tokenizer and the weights alike,
-          and building one (its Python parse of the vocabulary) is most of the time. The reader is a
-          read-only memory map, so handing the same one out again is safe; it is built over a plain
-          ndarray view of the map, which parses about 4x faster (see `_plain_reader_class`).
-        - its name mapping calls `gguf.get_tensor_name_map(arch, n_layers)` once per submodule (hundreds of
-          times); the map depends only on its two arguments and is only read.
-        Patches the `gguf` module for the duration only; not thread-safe.
-        """
-        import gguf
-
-        original_reader, original_map = gguf.GGUFReader, gguf.get_tensor_name_map
-        target = self.path.resolve()
-        maps: dict = {}
-
-        def reader(path, *args, **kwargs):
-            if args or kwargs or Path(path).resolve() != target:
-                return original_reader(path, *args, **kwargs)
-            if self._reader is None:
-                self._reader = _plain_reader_class(original_reader)(path)
-            return self._reader
-
-        def name_map(arch, n_blocks):
-            if (arch, n_blocks) not in maps:
-                maps[arch, n_blocks] = original_map(arch, n_blocks)
-            return maps[arch, n_blocks]
-
-        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
-        try:
-            yield
-        finally:
-            gguf.GGUFReader, gguf.get_tensor_name_map = original_reader, original_map
-
-    @property
-    def config(self):
-        return self._config
-
-    @cached_property
-    def _meta(self) -> dict[str, tuple[torch.Size, torch.dtype]]:
-        from transformers import AutoModelForCausalLM
-
-        try:
-            with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(self._config, dtype=torch.float32)
-        except Exception as exc:
-            raise ModelLoadError(f"{self.path}: transformers cannot build a '{self._config.model_type}' "
-                                 f"model ({_short(exc)})") from None
-        return {n: (t.shape, torch.float32) for n, t in _unique_state(model).items()}
-
-    @property
-    def _index(self):
-        return self._meta
-
-    def shape(self, name: str) -> torch.Size:
-        return self._meta[name][0]
-
-    def dtype(self, name: str) -> torch.dtype:
-        return self._meta[name][1]
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The dequantized float32 tensors (loaded once, kept)."""
-        if self._sd is None:
-            from transformers import AutoModelForCausalLM, GgufConfig
-
-            try:
-                with self._shared_reader():
-                    model = AutoModelForCausalLM.from_pretrained(
-                        str(self.path.parent), gguf_file=self.path.name, config=self._config, dtype=torch.float32,
-                        quantization_config=GgufConfig(dequantize=True),
-                    )
-            except Exception as exc:
-                raise ModelLoadError(f"{self.path}: transformers cannot load the GGUF weights "
-                                     f"({_short(exc)})") from None
-            sd = {n: t.detach() for n, t in _unique_state(model).items()}
-            if set(sd) != set(self._meta):
-                log.warning("%s: loaded tensor names differ from the config's model; using the loaded ones", self.ref)
-                self.__dict__["_meta"] = {n: (t.shape, t.dtype) for n, t in sd.items()}
-            self._sd = sd
-        return self._sd
-
-    def _read(self, name: str) -> torch.Tensor:
-        return self.state_dict()[name].clone()
-
-    def tokenizer(self):
-        if self._tok is None:
-            from transformers import AutoTokenizer
-
-            try:
-                with self._shared_reader():
-                    self._tok = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
-            except Exception as exc:
-                raise ModelLoadError(f"{self.path}: cannot build the tokenizer from the GGUF file "
-                                     f"({_short(exc)})") from None
-        return self._tok
-
-
-def _plain_reader_class(base):
-    """A GGUFReader whose `data` is a plain ndarray view of its memory map: numpy's memmap subclass
-    makes each of the ~10^6 small slices of the metadata parse slow (3.7 s -> 1.0 s for SmolLM2)."""
-    import numpy as np
-
-    class PlainReader(base):
-        @property
-        def data(self):
-            return self._plain_data
-
-        @data.setter
-        def data(self, value):
-            self._plain_data = value.view(np.ndarray)  # the view keeps the map alive
-
-    return PlainReader
-
-
 def _unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """state_dict without tied duplicates (as save_pretrained writes it: a tied lm_head is left out)."""
     seen: set[int] = set()
@@ -406,6 +260,8 @@ def open_model(ref: str, *, trust_remote_code: bool = False, revision: str | Non
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix == ".gguf":
+            from evomerge.models.gguf import GGUFSource
+
             return GGUFSource(ref, path, trust_remote_code=trust_remote_code)
         if suffix in (".safetensors", ".bin", ".json"):
             path = path.parent  # a file of an HF folder: open the folder
@@ -517,119 +373,3 @@ def _load_tokenizer(path: Path, ref: str, trust_remote_code: bool):
 def _short(exc: BaseException, limit: int = 200) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-# --------------------------------------------------------------------------- evaluation models
-
-def load_causal_lm(ref: "str | WeightSource", *, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                   trust_remote_code: bool = False):
-    """(model, tokenizer) ready for evaluation: eval mode, `dtype`, on `device`, its own copy of the weights."""
-    from transformers import AutoModelForCausalLM
-
-    src = ref if isinstance(ref, WeightSource) else open_model(ref, trust_remote_code=trust_remote_code)
-    trust = trust_remote_code or src.trust_remote_code
-    try:
-        if isinstance(src, SafetensorsSource) and src.standard_layout:
-            model = AutoModelForCausalLM.from_pretrained(str(src.path), dtype=dtype, trust_remote_code=trust)
-        else:  # GGUF / legacy .bin: build from the tensors already read (never unpickle arbitrary objects)
-            model = _model_from_state(src, dtype, trust)
-    except ModelLoadError:
-        raise
-    except Exception as exc:
-        raise ModelLoadError(f"'{src.ref}': transformers cannot load it as a causal LM ({_short(exc)})") from None
-    try:
-        model = model.to(device)
-    except Exception as exc:
-        raise ModelLoadError(f"'{src.ref}': cannot move it to {device} ({_short(exc)})") from None
-    return model.eval(), src.tokenizer()
-
-
-def _model_from_state(src: WeightSource, dtype: torch.dtype, trust: bool):
-    from transformers import AutoModelForCausalLM
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    state = {n: src.get(n, dtype=dtype) for n in src.keys()}
-    cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(src.config), None)
-    if cls is not None:  # from_pretrained with a state dict: no random init, ties and buffers done properly
-        model, info = cls.from_pretrained(None, config=src.config, state_dict=state, dtype=dtype,
-                                          output_loading_info=True)
-        missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
-    else:  # remote-code models: their class is only reachable through the auto factory
-        model = AutoModelForCausalLM.from_config(src.config, dtype=dtype, trust_remote_code=trust)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        model.tie_weights()
-        tied = _tied_names(model)
-        missing = [m for m in missing if m not in tied]
-    if missing or unexpected:
-        raise ModelLoadError(f"'{src.ref}': its weights do not fit its config "
-                             f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
-    return model
-
-
-def _tied_names(model: torch.nn.Module) -> set[str]:
-    """Parameter names that share their tensor with another name (tied embeddings)."""
-    params = list(model.named_parameters(remove_duplicate=False))
-    return {n for n, p in params if sum(1 for _, q in params if q is p) > 1}
-
-
-# --------------------------------------------------------------------------- compatibility
-
-def check_mergeable(sources: dict[str, WeightSource], *, same_layers: bool = False,
-                    allow_vocab_mismatch: bool = True) -> None:
-    """Raise ModelLoadError, naming both models, when the models cannot be merged tensor by tensor.
-
-    A difference in the vocabulary dimension of embeddings / lm_head alone is the vocab-mismatch case
-    (handled by `evomerge.models.vocab`): it passes unless `allow_vocab_mismatch` is False.
-    """
-    from evomerge.models.layout import ModelLayout, ParamKind
-
-    items = list(sources.items())
-    if len(items) < 2:
-        return
-    ref_name, ref_src = items[0]
-    ref_cfg = ref_src.config
-    ref_layout = ModelLayout.from_source(ref_src)
-    for name, src in items[1:]:
-        cfg = src.config
-        pair = f"'{ref_name}' and '{name}'"
-        a_type, b_type = getattr(ref_cfg, "model_type", None), getattr(cfg, "model_type", None)
-        a_arch, b_arch = getattr(ref_cfg, "architectures", None), getattr(cfg, "architectures", None)
-        if a_type != b_type or (a_arch and b_arch and list(a_arch) != list(b_arch)):
-            raise ModelLoadError(f"{pair} have different architectures ({a_type} {a_arch or ''} vs "
-                                 f"{b_type} {b_arch or ''})".replace(" )", ")"))
-        a_h, b_h = _hidden(ref_cfg), _hidden(cfg)
-        if a_h != b_h:
-            raise ModelLoadError(f"{pair} have different hidden sizes ({a_h} vs {b_h})")
-        layout = ModelLayout.from_source(src)
-        if same_layers and ref_layout.num_layers != layout.num_layers:
-            raise ModelLoadError(f"{pair} have different layer counts ({ref_layout.num_layers} vs "
-                                 f"{layout.num_layers}); use slices with layer ranges to merge them")
-        shared = [n for n in ref_src.keys() if n in src]
-        for n in shared:
-            sa, sb = ref_src.shape(n), src.shape(n)
-            if sa == sb:
-                continue
-            kind = ref_layout.kind_of(n)
-            vocab_rows = _vocab_rows(ref_cfg, sa[0]) and _vocab_rows(cfg, sb[0])
-            if kind in (ParamKind.EMBED, ParamKind.LM_HEAD) and vocab_rows and len(sa) == len(sb) and sa[1:] == sb[1:]:
-                if not allow_vocab_mismatch:
-                    raise ModelLoadError(f"{pair} have different vocabularies ('{n}': {sa[0]} vs {sb[0]} rows); "
-                                         "choose an embedding policy", allowed="keep_target, align")
-                log.info("%s: vocabulary sizes differ on %s (%d vs %d rows)", pair, n, sa[0], sb[0])
-                continue
-            raise ModelLoadError(f"{pair} differ in the shape of '{n}' ({tuple(sa)} vs {tuple(sb)})")
-
-
-def _vocab_rows(cfg, rows: int) -> bool:
-    """Whether a tensor with `rows` rows is indexed by token (not, say, a position embedding)."""
-    v = getattr(cfg, "vocab_size", None) or getattr(getattr(cfg, "text_config", None), "vocab_size", None)
-    return v is None or rows == int(v)  # transformers builds embed / lm_head with config.vocab_size rows
-
-
-def _hidden(cfg) -> int | None:
-    for key in ("hidden_size", "n_embd", "d_model"):
-        v = getattr(cfg, key, None)
-        if v is not None:
-            return int(v)
-    text = getattr(cfg, "text_config", None)
-    return _hidden(text) if text is not None else None

@@ -16,9 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from evomerge.config import Evolved, SearchSpace
+from evomerge.config import Evolved, SearchConfig
 from evomerge.errors import ConfigError
 from evomerge.merge.registry import METHODS
+from evomerge.merge.resident import ResidentMerger
+from evomerge.merge.session import MergeSession
+from evomerge.models.sources import WeightSource
 from evomerge.recipe import Conditional, EvomergeOptions, ModelEntry, Recipe, evaluate_setting
 
 DEFAULT_GRIDS = {"density": 0.001}
@@ -54,12 +57,14 @@ class Gene:
 class ParameterSpace:
     """The parameter-space (PS) part of a search space, for models with `num_layers` layers."""
 
-    def __init__(self, space: SearchSpace, model_refs: dict[str, str], num_layers: int, *, source: str = "<space>"):
-        self.space = space
+    def __init__(self, config: SearchConfig, model_refs: dict[str, str], num_layers: int, *, source: str = "<space>",
+                 sources: dict[str, WeightSource] | None = None):
+        self.config = config
         self.refs = model_refs
+        self.sources = dict(sources or {})  # name -> open weight source (for the merger and the tokenizer)
         self.num_layers = num_layers
         self.source = source
-        self.method = "task_arithmetic" if space.chat_vector else space.merge_method
+        self.method = "task_arithmetic" if config.chat_vector else config.merge_method
         if self.method is None:
             self.genes: list[Gene] = []
             return
@@ -76,7 +81,7 @@ class ParameterSpace:
 
     def _check_parameters(self) -> None:
         known = {**self.spec.per_model_params, **self.spec.global_params}
-        for name, value in self.space.parameters.items():
+        for name, value in self.config.parameters.items():
             if name not in known:
                 raise ConfigError(f"'{name}' is not a parameter of {self.method}", file=self.source,
                                   key=f"parameters.{name}", allowed=", ".join(sorted(known)))
@@ -99,13 +104,13 @@ class ParameterSpace:
                     raise ConfigError(exc.detail, file=self.source, key=f"parameters.{name}",
                                       allowed=pspec.allowed) from None
         for name, pspec in self.spec.per_model_params.items():
-            if pspec.required and name not in self.space.parameters and not self.space.chat_vector:
+            if pspec.required and name not in self.config.parameters and not self.config.chat_vector:
                 raise ConfigError(f"{self.method} needs '{name}' (fixed or evolved)", file=self.source,
                                   key=f"parameters.{name}")
 
     def _members(self) -> list[str]:
         """Models merged (base excluded for methods with a base), in YAML order."""
-        s = self.space
+        s = self.config
         if s.chat_vector:
             return [s.chat_vector.target, s.chat_vector.chat]
         base = s.base_model if self.spec.needs_base else None
@@ -117,24 +122,24 @@ class ParameterSpace:
         return members
 
     def evolving(self, model: str) -> bool:
-        s = self.space
+        s = self.config
         if s.chat_vector:
             return model == s.chat_vector.chat
         return model in (s.evolve_models or self.members)
 
     def _groups(self) -> list[list[int]]:
-        n, s = self.num_layers, self.space
+        n, s = self.num_layers, self.config
         if s.granularity == "model":
             return [list(range(n))]
         size = s.block_size if s.granularity == "block" else 1
         return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
 
     def _components(self) -> list[str]:
-        return ["attn", "mlp"] if self.space.split_attn_mlp else ["all"]
+        return ["attn", "mlp"] if self.config.split_attn_mlp else ["all"]
 
     def _layout_genes(self) -> list[Gene]:
         genes = []
-        for name, value in self.space.parameters.items():
+        for name, value in self.config.parameters.items():
             if not isinstance(value, Evolved):
                 continue
             grid = value.grid or DEFAULT_GRIDS.get(name)
@@ -169,7 +174,7 @@ class ParameterSpace:
     def _setting(self, rows: dict[str, list[float]]) -> Any:
         """Per-layer rows for one parameter -> a mergekit setting (scalar, gradient, or attn/mlp filters)."""
         def compact(values: list[float]) -> Any:
-            return values[0] if self.space.granularity == "model" or len(set(values)) == 1 else values
+            return values[0] if self.config.granularity == "model" or len(set(values)) == 1 else values
 
         if "all" in rows:
             return compact(rows["all"])
@@ -180,7 +185,7 @@ class ParameterSpace:
                 Conditional(value=compact(other))]
 
     def decode(self, genome: np.ndarray) -> Recipe:
-        s = self.space
+        s = self.config
         table = self.per_layer(genome)
         shared: dict[str, Any] = {}
         per_model: dict[str, dict[str, Any]] = {m: {} for m in self.members}
@@ -246,3 +251,24 @@ class ParameterSpace:
     def dedupe_key(self, genome: np.ndarray) -> str:
         """Candidates whose decoded values are equal (after grids and rounding) share a key."""
         return hashlib.sha256(self.decode(genome).to_yaml().encode()).hexdigest()[:32]
+
+    def initial_genome(self) -> np.ndarray | None:
+        return None  # the centre of every range
+
+    @property
+    def target(self) -> str:
+        """The model whose tokenizer, config and (with a vocabulary policy) embeddings the merge keeps."""
+        c = self.config
+        if c.chat_vector:
+            return c.chat_vector.target
+        return c.base_model or next(iter(c.models))
+
+    def tokenizer_source(self) -> WeightSource:
+        return self.sources[self.target]
+
+    def make_merger(self, *, device: str, offload: str) -> ResidentMerger:
+        """Source weights read once and held resident; candidates merged in place into one live model."""
+        template = self.decode(np.full(self.dim, 0.5))
+        by_ref = {self.refs[n]: s for n, s in self.sources.items()}
+        session = MergeSession.open(template, device="cpu", source=self.source, sources=by_ref)
+        return ResidentMerger(template, device=device, offload=offload, source=self.source, session=session)

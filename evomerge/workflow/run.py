@@ -1,0 +1,133 @@
+"""`evomerge run` / `evomerge resume`: config -> genome space -> optimizer -> resident merger -> evaluator ->
+run store, then the results: best.yaml (a mergekit recipe), the Pareto set for several objectives, the
+held-out table and the report."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from evomerge.config import SearchConfig, load_search_space, parse_search_space
+from evomerge.envvars import referenced
+from evomerge.errors import ConfigError
+from evomerge.recipe import Recipe
+from evomerge.search.driver import run_search
+from evomerge.search.optimizers import Optimizer, make_optimizer
+from evomerge.search.progress import make_progress
+from evomerge.store import RunFolder, RunStore, atomic_write_text
+from evomerge.workflow.context import RunContext, build_context, make_objective
+from evomerge.workflow.heldout import heldout_markdown, heldout_rows
+
+
+def default_run_dir(config: SearchConfig) -> Path:
+    return Path(config.run_dir) if config.run_dir else Path("runs") / config.name
+
+
+def _quiet_transformers() -> None:
+    """Per-model 'Loading weights' bars would drown the run's own progress."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def _optimizer(ctx: RunContext) -> Optimizer:
+    opt = ctx.config.optimizer
+    x0 = None
+    if ctx.config.seed_recipes:
+        seeds = [ctx.space.encode(Recipe.load(_rel(p, ctx.base_dir))) for p in ctx.config.seed_recipes]
+        x0 = np.mean(seeds, axis=0)
+    else:
+        x0 = ctx.space.initial_genome()
+    return make_optimizer(opt.name, ctx.space.dim, seed=ctx.config.seed, n_objectives=len(ctx.directions),
+                          popsize=opt.popsize, sigma0=opt.sigma0, x0=x0, restarts=opt.restarts)
+
+
+def _rel(path: str, base_dir: Path) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else base_dir / p
+
+
+def _positive_trials(n: int, source: str) -> int:
+    if n < 1:
+        raise ConfigError(f"the trial budget must be at least 1, got {n}", file=source, key="budget.trials")
+    return n
+
+
+def start_run(space_path: str | Path, *, run_dir: str | Path | None = None, overwrite: bool = False,
+              quiet: bool = False, max_trials: int | None = None) -> Path:
+    _quiet_transformers()
+    config, text = load_search_space(space_path)
+    base_dir = Path(space_path).resolve().parent
+    folder = RunFolder(run_dir if run_dir else default_run_dir(config))
+    if max_trials is not None:
+        config.budget.trials = _positive_trials(max_trials, str(space_path))
+    if folder.exists() and not overwrite:  # fail before loading any weights
+        RunStore.create(folder.root, text, directions=["maximize"], overwrite=False)
+    if overwrite:
+        folder.remove_run()
+    ctx = build_context(config, text, source=str(space_path), base_dir=base_dir, run_dir=folder.root)
+    meta = {"space_file": str(Path(space_path).resolve()), "base_dir": str(base_dir), "refs": ctx.refs,
+            "dim": ctx.space.dim, "env": referenced(text)}
+    store = RunStore.create(folder.root, text, directions=ctx.directions, meta=meta, overwrite=overwrite)
+    _write_json(folder.splits, {s: ctx.evaluator(s).split_ids() for s in ("search", "heldout")})
+    return _search_and_finish(ctx, store, quiet=quiet)
+
+
+def resume_run(run_dir: str | Path, *, quiet: bool = False, max_trials: int | None = None) -> Path:
+    _quiet_transformers()
+    store = RunStore.open(run_dir)
+    text = store.folder.config.read_text()
+    source = str(store.folder.config)
+    meta = store.meta
+    for var, value in meta.get("env", {}).items():  # ${VAR}s in the snapshot resolve as when the run started
+        os.environ.setdefault(var, value)
+    config = parse_search_space(text, source=source)
+    if max_trials is not None:
+        config.budget.trials = _positive_trials(max_trials, source)
+    ctx = build_context(config, text, source=source, base_dir=Path(meta["base_dir"]), refs=meta["refs"],
+                        run_dir=store.run_dir)
+    if ctx.space.dim != meta["dim"]:
+        raise ConfigError(f"the search space now has {ctx.space.dim} genes, the run {meta['dim']}", file=source)
+    return _search_and_finish(ctx, store, quiet=quiet)
+
+
+def _search_and_finish(ctx: RunContext, store: RunStore, *, quiet: bool) -> Path:
+    optimizer = _optimizer(ctx)
+    summary = run_search(store, optimizer, make_objective(ctx), max_trials=ctx.config.budget.trials,
+                         max_seconds=ctx.config.budget.seconds, dedupe_key=ctx.space.dedupe_key,
+                         progress=make_progress(quiet=quiet))
+    finish_run(ctx, store, quiet=quiet)
+    if not quiet:
+        print(f"{summary.finished} trials ({summary.failed} failed this session); results in {store.run_dir}")
+    return store.run_dir
+
+
+def finish_run(ctx: RunContext, store: RunStore, *, quiet: bool = True) -> dict[str, Any]:
+    """best.yaml, Pareto recipes, held-out table and report."""
+    from evomerge.report import write_report
+
+    folder = store.folder
+    best = store.best(ctx.config.heldout.top_k)
+    if not best:
+        raise ConfigError("no trial finished successfully; see the failed trials' reasons with `evomerge report`",
+                          file=str(folder.root))
+    atomic_write_text(folder.best, best[0].recipe_yaml)
+    if len(ctx.directions) > 1:
+        folder.pareto.mkdir(exist_ok=True)
+        for rec in store.pareto():
+            atomic_write_text(folder.pareto / f"trial_{rec.number:05d}.yaml", rec.recipe_yaml)
+    rows = heldout_rows(ctx, best)
+    _write_json(folder.heldout_json, {"rows": rows})
+    atomic_write_text(folder.heldout_md, heldout_markdown(rows))
+    if not quiet:
+        print(heldout_markdown(rows))
+    write_report(folder.root)
+    return {"rows": rows}
+
+
+def _write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False))
