@@ -170,7 +170,8 @@ def bench_protocol(shots: int, args, model, tok, d: Path, names: list[str], n: i
     their_acc = sum(results[t]["acc,none"] * len(tasks[t].eval_docs) for t in names) / n
     best = {k: (min(w for w, _ in v), min(c for _, c in v)) for k, v in times.items()}
     return {"shots": shots, "prep": prep, "tokens": plan.n_tokens, "padded": plan.n_padded,
-            "batches": len(plan.batches), "prefixes": sum(1 for _ in {id(b.prefix) for b in plan.batches if b.prefix is not None}),
+            "batches": len(plan.batches),
+            "prefixes": sum(1 for _ in {id(b.prefix) for b in plan.batches if b.prefix is not None}),
             "acc": (warm.metrics["kmmlu"]["acc"], their_acc), "max_rel_diff": worst, "best": best}
 
 
@@ -202,7 +203,8 @@ def main() -> None:
         names, n = write_tasks(d, args.repeat)
         out = [bench_protocol(int(k), args, model, tok, d, names, n, sync) for k in args.shots.split(",")]
 
-    print(f"\nmodel: {'random Llama' if args.random_llama_1b else 'SmolLM2-135M-Instruct'} {n_params / 1e6:.0f}M params, "
+    model_name = "random Llama" if args.random_llama_1b else "SmolLM2-135M-Instruct"
+    print(f"\nmodel: {model_name} {n_params / 1e6:.0f}M params, "
           f"{args.dtype}, {args.device}, {torch.get_num_threads()} thread(s); {n} KMMLU-format questions; "
           f"our batch budget {args.batch_tokens} tokens, lm-eval batch size {args.lm_eval_batch_size}; "
           f"best of {args.reps} call(s)")

@@ -63,7 +63,8 @@ def timed(fn, device: str, repeats: int, warmup: bool = True) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", type=float, default=12e6, help="parameters per model (default 12M: 2 layers at hidden 768)")
+    ap.add_argument("--params", type=float, default=12e6,
+                    help="parameters per model (default 12M: 2 layers at hidden 768)")
     ap.add_argument("--hidden", type=int, default=768)
     ap.add_argument("--experts", type=int, default=3)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -106,7 +107,8 @@ def main() -> None:
                 ties_merge_fast(b, ds, th, weights, dens, out=o)
         return run
 
-    rows = [("mergekit-style (argsort per merge)", timed(mergekit_style, dev, args.mergekit_repeats, warmup=dev.startswith("cuda")), None)]
+    rows = [("mergekit-style (argsort per merge)",
+             timed(mergekit_style, dev, args.mergekit_repeats, warmup=dev.startswith("cuda")), None)]
     rows.append(("fast_ties, tie_break=index", timed(fast(thr), dev, args.repeats), build_index))
     del thr
     if not args.no_argsort_ranks:

@@ -12,7 +12,8 @@ COMMANDS = ["merge", "eval", "run", "resume", "report", "export", "validate", "d
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="evomerge", description="Evolve LLM merge recipes and export them as mergekit YAML.")
+    parser = argparse.ArgumentParser(prog="evomerge",
+                                     description="Evolve LLM merge recipes and export them as mergekit YAML.")
     parser.add_argument("--traceback", action="store_true", help="show the full Python traceback on errors")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:

@@ -154,7 +154,8 @@ class SearchConfig(BaseModel):
             if not self.base_model:
                 raise ValueError("chat_vector needs base_model (the model the chat delta is taken from)")
         if self.objectives == "vector" and self.optimizer.name == "cmaes":
-            raise ValueError("several objectives need a multi-objective optimizer (optimizer.name: nsga2, tpe or random)")
+            raise ValueError("several objectives need a multi-objective optimizer "
+                             "(optimizer.name: nsga2, tpe or random)")
         if not self.tasks:
             raise ValueError("at least one task is needed")
         return self

@@ -197,7 +197,7 @@ class _RecipeDumper(yaml.SafeDumper):
     """Numeric lists (gradients, layer ranges) in flow style, like mergekit writes them."""
 
 
-def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.SequenceNode:
+def _represent_list(dumper: yaml.SafeDumper, data: list[Any] | tuple[Any, ...]) -> yaml.SequenceNode:
     flow = all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in data)
     return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
 

@@ -182,7 +182,8 @@ def write_report(run_dir: str | os.PathLike, *, top_k: int = 10) -> Path:
            f"cancelled/interrupted, {counts.get('running', 0)} running",
            f"- generations: {1 + max((r.generation for r in records if r.generation is not None), default=-1)}"]
     if merge_s:
-        md.append(f"- mean seconds per merge: {np.mean(merge_s):.3g}; per evaluation: {np.mean(eval_s) if eval_s else float('nan'):.3g}")
+        mean_eval = np.mean(eval_s) if eval_s else float("nan")
+        md.append(f"- mean seconds per merge: {np.mean(merge_s):.3g}; per evaluation: {mean_eval:.3g}")
     for k, v in meta.items():
         md.append(f"- {k}: {fmt(v)}")
     if best:
@@ -210,7 +211,8 @@ def write_report(run_dir: str | os.PathLike, *, top_k: int = 10) -> Path:
         reasons: dict[str, int] = {}
         for r in failed:
             reasons[r.error or "?"] = reasons.get(r.error or "?", 0) + 1
-        md += ["## Failures", "", markdown_table(["reason", "trials"], sorted(reasons.items(), key=lambda x: -x[1])[:10]), ""]
+        top = sorted(reasons.items(), key=lambda x: -x[1])[:10]
+        md += ["## Failures", "", markdown_table(["reason", "trials"], top), ""]
 
     heldout = folder.heldout_json
     if heldout.exists():
@@ -225,7 +227,8 @@ def write_report(run_dir: str | os.PathLike, *, top_k: int = 10) -> Path:
     for title, rel in plots:
         md += [f"### {title}", "", f"![{title}]({rel})", ""]
     if best and best[0].recipe_yaml:
-        md += [f"## Recipe of the best trial (#{best[0].number})", "", "```yaml", best[0].recipe_yaml.rstrip(), "```", ""]
+        md += [f"## Recipe of the best trial (#{best[0].number})", "",
+               "```yaml", best[0].recipe_yaml.rstrip(), "```", ""]
     path = folder.report_md
     path.write_text("\n".join(md), encoding="utf-8")
     return path

@@ -19,7 +19,8 @@ def validate_space(path: str | Path) -> str:
     space, _ = load_search_space(path)
     base_dir = Path(path).resolve().parent
     for name, ref in space.models.items():
-        if _looks_local(ref) and not (base_dir / Path(ref).expanduser()).exists() and not Path(ref).expanduser().exists():
+        if (_looks_local(ref) and not (base_dir / Path(ref).expanduser()).exists()
+                and not Path(ref).expanduser().exists()):
             raise ConfigError(f"model path '{ref}' does not exist", file=str(path), key=f"models.{name}")
     for i, task in enumerate(space.tasks):
         if task.path and not (base_dir / task.path).exists() and not Path(task.path).exists():

@@ -40,7 +40,8 @@ def _guess_kind(path: Path) -> str:
     if {"prompt", "answer"} <= keys:
         return "generation"
     raise ConfigError("cannot tell the task kind from the columns " + str(sorted(keys)), file=str(path),
-                      allowed="KMMLU (question,A,B,C,D,answer), MCQ (question,choices,answer), generation (prompt,answer)")
+                      allowed="KMMLU (question,A,B,C,D,answer), MCQ (question,choices,answer), "
+                              "generation (prompt,answer)")
 
 
 def _coerce(value: str):

@@ -17,10 +17,15 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from evomerge.errors import ConfigError
-    from evomerge.store import RunStore
+    from evomerge.store import RunStore, TrialRecord
 
     store = RunStore.open(args.run_dir, verify_config=False)
-    rec = store.trial(args.trial) if args.trial is not None else (store.best(1) or [None])[0]
+    rec: TrialRecord | None
+    if args.trial is not None:
+        rec = store.trial(args.trial)
+    else:
+        best = store.best(1)
+        rec = best[0] if best else None
     if rec is None or not rec.recipe_yaml:
         raise ConfigError("no finished trial with a recipe", file=str(args.run_dir))
     Path(args.out).write_text(rec.recipe_yaml)

@@ -153,7 +153,8 @@ def read_jsonl(path: str | Path) -> list[Item]:
                 row = json.loads(line)
                 items.append(Item(str(row["id"]), str(row["prompt"]), str(row["answer"]), str(row["category"])))
             except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise DataError(f"line {n}: {e}", file=str(path), allowed="JSON objects with id, prompt, answer, category") from None
+                raise DataError(f"line {n}: {e}", file=str(path),
+                                allowed="JSON objects with id, prompt, answer, category") from None
     return items
 
 

@@ -16,7 +16,7 @@ import copy
 import json
 import shutil
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,9 +79,9 @@ def encode_items(tokenizer, items: Sequence[Item]) -> tuple[torch.Tensor, torch.
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     lab = torch.full((len(seqs), width), -100, dtype=torch.long)
-    for i, (s, l) in enumerate(zip(seqs, labels)):
+    for i, (s, lb) in enumerate(zip(seqs, labels)):
         ids[i, : len(s)] = torch.tensor(s)
-        lab[i, : len(l)] = torch.tensor(l)
+        lab[i, : len(lb)] = torch.tensor(lb)
     return ids, lab
 
 
@@ -148,7 +148,7 @@ def exact_match(model, tokenizer, items: Sequence[Item], *, batch_size: int = 25
     return sum(a == it.answer for a, it in zip(answers, items)) / len(items)
 
 
-def score_tasks(model, tokenizer, items_by_task: dict[str, Sequence[Item]]) -> dict[str, float]:
+def score_tasks(model, tokenizer, items_by_task: Mapping[str, Sequence[Item]]) -> dict[str, float]:
     """Exact match per task, plus "mean" over the given tasks."""
     scores = {t: exact_match(model, tokenizer, its) for t, its in items_by_task.items()}
     scores["mean"] = sum(scores.values()) / max(len(scores), 1)
@@ -170,7 +170,7 @@ def new_model(tokenizer, *, seed: int, layers: int = 4, hidden: int = 128, heads
     return random_model(cfg, seed=seed)
 
 
-def train(model, tokenizer, items_by_task: dict[str, Sequence[Item]], *, steps: int, lr: float, batch_size: int,
+def train(model, tokenizer, items_by_task: Mapping[str, Sequence[Item]], *, steps: int, lr: float, batch_size: int,
           seed: int, label: str, log_every: int = 50, on_log: Callable[[int, float], None] | None = None):
     """AdamW on an equal mix of the given tasks (batch split evenly across tasks, epochs reshuffled per task)."""
     torch.manual_seed(seed)

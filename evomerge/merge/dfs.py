@@ -185,7 +185,7 @@ class DfsSpace:
         return float(lo + g * (hi - lo))
 
     # ---- genome <-> path --------------------------------------------------------------------
-    def decode(self, genome: Sequence[float], *, strict: bool = True) -> tuple[Path, list[float]]:
+    def decode(self, genome: Sequence[float] | np.ndarray, *, strict: bool = True) -> tuple[Path, list[float]]:
         """(path, scales) of a genome in [0, 1]^genome_size.
 
         A path longer than max_len raises ConfigError; with strict=False it is cut to its first
@@ -218,7 +218,7 @@ class DfsSpace:
         transition (prev, cur) must use one scale (W has one entry per pair) inside scale_bounds, and
         the first scale must be 1. Unused W entries get scale 1 when the bounds allow it.
         """
-        path = [(int(s), int(l)) for s, l in path]
+        path = [(int(s), int(layer)) for s, layer in path]
         scales = [1.0] * len(path) if scales is None else [float(s) for s in scales]
         validate_path(path, scales, self.layer_counts, self.max_len)
         if abs(scales[0] - 1.0) > 1e-12:
@@ -228,7 +228,8 @@ class DfsSpace:
             one_layer = self.first == self.last
             if path[0] != self.first or (len(path) < 2 and not one_layer) or (not one_layer and path[-1] != self.last):
                 raise ConfigError(f"path {path[:1]}...{path[-1:]} does not start with {self.first} and end with "
-                                  f"{self.last}", key="path", allowed="paths with the target's first and last layer fixed")
+                                  f"{self.last}", key="path",
+                                  allowed="paths with the target's first and last layer fixed")
             inner = path[1:-1] if not one_layer else path[1:]
         else:
             inner = path

@@ -76,4 +76,4 @@ def _align_vocab(plan, tp, tensors, fetch, aligners):
         if i == base_i:
             continue
         aligned[i] = aligners[inp.model](rows, fill_default) if inp.model in aligners else rows
-    return aligned  # type: ignore[return-value]
+    return aligned

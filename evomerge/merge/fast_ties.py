@@ -148,7 +148,9 @@ class MagnitudeThresholds:
             return torch.ones_like(d, dtype=torch.bool)
         if self.ranks is not None:
             return self.ranks >= self.k(density)
-        thr, cutoff = self.threshold(density)
+        bounds = self.threshold(density)
+        assert bounds is not None  # None only for density >= 1, returned above
+        thr, cutoff = bounds
         a = d.abs()
         drop = a < thr
         if cutoff is not None:  # ties at the threshold beyond k: drop the later ones
@@ -235,8 +237,9 @@ def ties_merge_fast(
     divisor = torch.zeros(base.shape, dtype=acc, device=base.device) if normalize else None
     for i in active:
         r = deltas[i] * w_cast[i]
-        if drops[i] is not None:
-            r.masked_fill_(drops[i], 0)
+        drop_i = drops[i]
+        if drop_i is not None:
+            r.masked_fill_(drop_i, 0)
         r.mul_(maj).clamp_min_(0)  # agreeing entries as |w*d|, the rest 0
         mixed.add_(r)
         if divisor is not None:

@@ -56,6 +56,11 @@ def atomic_output_dir(out_dir: Path, *, overwrite: bool = False) -> Iterator[Pat
         raise
 
 
+def _memory_base(tensor: torch.Tensor) -> int:
+    """Address of the start of the memory a tensor views (equal for views of one buffer)."""
+    return tensor.data_ptr() - int(tensor.storage_offset()) * tensor.element_size()
+
+
 class ShardWriter:
     """Collects tensors and writes HF-style shards `model-0000i-of-0000n.safetensors` plus the index."""
 
@@ -73,9 +78,9 @@ class ShardWriter:
         if self.current and self.current_bytes + nbytes > self.max:
             self._flush()
         tensor = tensor.detach().to("cpu").contiguous()
-        if tensor.untyped_storage().data_ptr() in self._ptrs:  # a layer used twice: safetensors wants own memory
+        if _memory_base(tensor) in self._ptrs:  # a layer used twice: safetensors wants own memory
             tensor = tensor.clone()
-        self._ptrs.add(tensor.untyped_storage().data_ptr())
+        self._ptrs.add(_memory_base(tensor))
         self.current[name] = tensor
         self.current_bytes += nbytes
         self.total += nbytes
@@ -85,7 +90,7 @@ class ShardWriter:
         save_file(self.current, str(self.folder / f"shard-{idx:05d}.tmp"), metadata={"format": "pt"})
         self.shards.append(list(self.current))
         self.current, self.current_bytes = {}, 0
-        self._ptrs: set[int] = set()
+        self._ptrs = set()
 
     def close(self) -> list[str]:
         if self.current or not self.shards:

@@ -22,6 +22,9 @@ generator seeded with ``s`` gives the same numbers as ``torch.manual_seed(s)``
 followed by mergekit's call.
 
 Intentional differences from mergekit are listed in ``DIFFERENCES_FROM_MERGEKIT``.
+
+Kept as one module on purpose: it mirrors mergekit's ``sparsify.py`` and its method files op by op,
+so the two can be read side by side, and every method shares the sparsification and masking helpers.
 """
 
 from __future__ import annotations
@@ -63,7 +66,8 @@ DIFFERENCES_FROM_MERGEKIT: list[str] = [
     "indices, where mergekit keeps whichever its unstable argsort puts first. Same count, "
     "same magnitudes; bit-identical on float32 deltas, a few tied positions differ on "
     "bf16 ones. tie_break='argsort' reproduces mergekit's choice exactly.",
-    "breadcrumbs with gamma*numel < 1 (a version note, not a difference from 0.1.5): older mergekit releases sliced the sorted magnitudes "
+    "breadcrumbs with gamma*numel < 1 (a version note, not a difference from 0.1.5): "
+    "older mergekit releases sliced the sorted magnitudes "
     "as [n_bot:-n_top], an empty slice when n_top == 0, and zeroed the whole delta. "
     "mergekit 0.1.5 slices [n_bot:n_bot+target_n] and is already right (no outliers are "
     "removed); evomerge does the same and a test pins it, so a merge made with an older "
@@ -384,7 +388,8 @@ def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], *, normali
 _CHUNK_ELEMENTS = 1024 * 1024  # mergekit's chunk size; norms are taken per chunk like theirs
 
 
-def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, *, dot_threshold: float = 0.9995, eps: float = 1e-8) -> torch.Tensor:
+def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, *, dot_threshold: float = 0.9995,
+          eps: float = 1e-8) -> torch.Tensor:
     """Spherical interpolation from ``v0`` (t=0, the base) to ``v1`` (t=1) over the
     whole flattened tensor, in float32 (float64 stays). When the normalized vectors
     have ``|dot| > dot_threshold`` it is a plain lerp of the originals. Norms below

@@ -230,7 +230,7 @@ def output_config(plan: MergePlan, sources: dict, out_dtype: str):
     cfg = copy.deepcopy(sources[plan.target].config)
     layer_types = getattr(cfg, "layer_types", None)
     if isinstance(layer_types, list):
-        new_types = []
+        new_types: list[str] = []
         for sl in plan.slices:
             src = sl.sources[0]
             src_types = getattr(sources[src.model].config, "layer_types", None) or layer_types

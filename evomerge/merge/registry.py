@@ -107,7 +107,7 @@ class MethodSpec:
     random: bool = False
     searchable: bool = True  # a search space may evolve its parameters (see evomerge/spaces/parameter.py)
     doc: str = ""
-    fn: Callable[..., torch.Tensor] = field(default=None, repr=False, compare=False)
+    fn: Optional[Callable[..., torch.Tensor]] = field(default=None, repr=False, compare=False)
 
     @property
     def per_model_params(self) -> dict[str, ParamSpec]:
@@ -325,4 +325,5 @@ def merge_tensor(
     resolved = resolve_params(method, params, n)
     if spec.base == "unused":
         base = None
+    assert spec.fn is not None, f"merge method '{method}' has no implementation"  # every registered spec has one
     return spec.fn(base, tensors, resolved, generator)

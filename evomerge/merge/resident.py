@@ -149,6 +149,7 @@ class ResidentMerger:
 
         others = [(i.model, i.name) for j, i in enumerate(tp.inputs) if j != tp.base_index]
         params = resolve_params("ties", plan.resolve(tp), len(others))
+        assert tp.base_index is not None  # TIES needs a base; the plan checked it
         base_key = (tp.inputs[tp.base_index].model, tp.inputs[tp.base_index].name)
         ties_merge_fast(
             self.fetch(*base_key), [self._deltas[k].to(self.device, non_blocking=True) for k in others],

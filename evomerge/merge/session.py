@@ -63,7 +63,8 @@ class MergeSession:
         except KeyError:
             raise ModelLoadError(f"model '{model}' has no tensor '{name}'") from None
 
-    def iter_merged(self, *, progress: bool = False, description: str = "merging") -> Iterator[tuple[str, torch.Tensor]]:
+    def iter_merged(self, *, progress: bool = False,
+                    description: str = "merging") -> Iterator[tuple[str, torch.Tensor]]:
         from rich.progress import track
 
         for tp in track(self.plan.tensors, description=description, disable=not progress, transient=True):

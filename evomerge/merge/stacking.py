@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import copy as _copy
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import torch
 from torch import nn
@@ -78,7 +78,7 @@ def _base(model: nn.Module) -> nn.Module:
 
 
 def _layers(model: nn.Module) -> nn.ModuleList:
-    return _base(model).layers
+    return cast(nn.ModuleList, _base(model).layers)  # _base checked it is a ModuleList
 
 
 def _alias(module: nn.Module) -> nn.Module:
@@ -99,7 +99,7 @@ def _set_layer_idx(layer: nn.Module, idx: int) -> None:
     """Give every submodule that indexes the KV cache (self_attn.layer_idx, ...) the position idx."""
     for m in layer.modules():
         if isinstance(vars(m).get("layer_idx"), int):
-            m.layer_idx = idx
+            m.layer_idx = idx  # type: ignore[assignment]  # torch types Module.__setattr__ as Tensor | Module only
 
 
 class _ScaleInput:
@@ -137,7 +137,7 @@ def stacked_config(target_config, path: Sequence[tuple[int, int]], source_config
 def _check_inputs(target, path, scales, sources) -> tuple[Path, list[float]]:
     if not sources:
         raise ConfigError("no source models given", key="sources", allowed="one or more loaded models")
-    path = [(int(s), int(l)) for s, l in path]
+    path = [(int(s), int(layer)) for s, layer in path]
     scales = [float(s) for s in scales]
     validate_path(path, scales, [len(_layers(m)) for m in sources])
     check_stackable([target.config] + [m.config for m in sources],
@@ -192,7 +192,7 @@ def build_stacked_model(target_model: nn.Module, path: Sequence[tuple[int, int]]
             layer.register_forward_pre_hook(_ScaleInput(s), with_kwargs=True)
         layers.append(layer)
     model = _assemble(target_model, path, sources, layers)
-    model._evomerge_stack = StackInfo(target_model, path, scales, list(sources))
+    model._evomerge_stack = StackInfo(target_model, path, scales, list(sources))  # type: ignore[assignment]  # torch's __setattr__ type
     return model
 
 
@@ -207,7 +207,7 @@ def cumulative_scales(scales: Sequence[float]) -> list[float]:
 
 def _is_one_plus_norm(norm: nn.Module) -> bool:
     """True for Gemma-style RMSNorm (x_normed * (1 + w)), probed numerically rather than by class name."""
-    w = norm.weight.detach()
+    w = cast(torch.Tensor, norm.weight).detach()
     with torch.no_grad():  # ones are already normalized: the output is the gain, w or 1 + w
         out = norm(torch.ones(1, w.shape[-1], device=w.device, dtype=w.dtype)).float().reshape(-1)
     plain = (out - w.float()).abs().max()
@@ -221,7 +221,7 @@ def _residual_outputs(layer: nn.Module) -> tuple[str, list[tuple[nn.Module, bool
         raise ConfigError(f"{type(layer).__name__} has no input_layernorm: scales do not fold into a post-norm "
                           "layer", key="architecture", allowed="pre-norm (Llama, Mistral, Qwen2, ...) or Gemma 2/3")
     if hasattr(layer, "post_feedforward_layernorm") and hasattr(layer, "post_attention_layernorm"):
-        norms = [layer.post_attention_layernorm, layer.post_feedforward_layernorm]
+        norms = [cast(nn.Module, layer.post_attention_layernorm), cast(nn.Module, layer.post_feedforward_layernorm)]
         return "norm", [(n, _is_one_plus_norm(n)) for n in norms]
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     o_proj, down = getattr(attn, "o_proj", None), getattr(mlp, "down_proj", None)
@@ -274,11 +274,12 @@ def fold_scales(model: nn.Module, path: Sequence[tuple[int, int]] | None = None,
             for mod, one_plus in mods:
                 if kind == "norm":
                     fn = (lambda w, c=c: (1.0 + w) / c - 1.0) if one_plus else (lambda w, c=c: w / c)
-                    mod._parameters["weight"] = _scaled_param(mod.weight, fn)
+                    mod._parameters["weight"] = _scaled_param(cast(torch.Tensor, mod.weight), fn)
                 else:
-                    mod._parameters["weight"] = _scaled_param(mod.weight, lambda w, c=c: w / c)
-                    if mod.bias is not None:
-                        mod._parameters["bias"] = _scaled_param(mod.bias, lambda b, c=c: b / c)
+                    mod._parameters["weight"] = _scaled_param(cast(torch.Tensor, mod.weight), lambda w, c=c: w / c)
+                    bias = cast("torch.Tensor | None", mod.bias)
+                    if bias is not None:
+                        mod._parameters["bias"] = _scaled_param(bias, lambda b, c=c: b / c)
         layers.append(layer)
     return _assemble(target, path, sources, layers, clone=clone)
 
@@ -313,7 +314,7 @@ def to_passthrough_recipe(path: Sequence[tuple[int, int]], scales: Sequence[floa
       (1 + w) norm gains, which a multiplicative scale cannot express: materialize with
       `fold_scales` and save that model instead.
     """
-    path = [(int(s), int(l)) for s, l in path]
+    path = [(int(s), int(layer)) for s, layer in path]
     scales = [float(s) for s in scales]
     if not model_refs:
         raise ConfigError("no model references", key="models", allowed="one reference per source")

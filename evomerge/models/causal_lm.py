@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from evomerge.errors import ModelLoadError
@@ -25,7 +27,7 @@ def load_causal_lm(ref: "str | WeightSource", *, dtype: torch.dtype = torch.floa
     except Exception as exc:
         raise ModelLoadError(f"'{src.ref}': transformers cannot load it as a causal LM ({_short(exc)})") from None
     try:
-        model = model.to(device)
+        model = model.to(device)  # type: ignore[arg-type]  # transformers' @wraps(nn.Module.to) hides the bound self
     except Exception as exc:
         raise ModelLoadError(f"'{src.ref}': cannot move it to {device} ({_short(exc)})") from None
     return model.eval(), src.tokenizer()
@@ -36,7 +38,9 @@ def _model_from_state(src: WeightSource, dtype: torch.dtype, trust: bool):
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     state = {n: src.get(n, dtype=dtype) for n in src.keys()}
-    cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(src.config), None)
+    # Any: transformers types the mapping's values as (slow, fast) tokenizer pairs (a model mapping holds one
+    # class) and from_pretrained's result as the model (with output_loading_info it is a (model, info) pair)
+    cls: Any = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(src.config), None)
     if cls is not None:  # from_pretrained with a state dict: no random init, ties and buffers done properly
         model, info = cls.from_pretrained(None, config=src.config, state_dict=state, dtype=dtype,
                                           output_loading_info=True)

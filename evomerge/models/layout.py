@@ -92,7 +92,7 @@ class ModelLayout:
                 params[name] = ParamInfo(name, None, _classify_outside(name))
         layers = [p.layer for p in params.values() if p.layer is not None]
         num_layers = max(layers) + 1 if layers else int(_cfg(config, "num_hidden_layers") or 0)
-        layer_prefix = max(prefixes, key=prefixes.get) if prefixes else None
+        layer_prefix = max(prefixes, key=prefixes.__getitem__) if prefixes else None
         has_head = any(p.kind is ParamKind.LM_HEAD for p in params.values())
         tied = bool(_cfg(config, "tie_word_embeddings")) or not has_head
         return cls(params, num_layers, layer_prefix, tied)

@@ -294,6 +294,8 @@ def _open_folder(ref: str, path: Path, trust_remote_code: bool) -> WeightSource:
                               trust_remote_code=trust_remote_code)
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
+        from evomerge.models.gguf import GGUFSource  # lazy: gguf imports this module
+
         return GGUFSource(ref, ggufs[0], trust_remote_code=trust_remote_code)
     if len(ggufs) > 1:
         raise ModelLoadError(f"'{ref}' holds {len(ggufs)} .gguf files; name one of them",

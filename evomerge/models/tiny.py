@@ -86,7 +86,8 @@ def save_model(model, tokenizer, path: str | Path, *, max_shard_size: str | int 
 
 
 def make_family(root: str | Path, family: str = "llama", *, names=("base", "a", "b", "c"), seed: int = 0,
-                dtype: torch.dtype = torch.float32, alphabet: str = DEFAULT_ALPHABET, **config_kwargs) -> dict[str, Path]:
+                dtype: torch.dtype = torch.float32, alphabet: str = DEFAULT_ALPHABET,
+                **config_kwargs) -> dict[str, Path]:
     """A base model and fine-tune-like variants of it, saved under root/<name>; returns name -> folder."""
     tok = char_tokenizer(alphabet)
     config_kwargs.setdefault("vocab_size", len(tok))

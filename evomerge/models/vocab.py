@@ -28,7 +28,7 @@ def check_policy(policy: str, *, file: str | None = None, key: str = "embedding_
 
 
 def vocab_index_map(target_tok, source_tok, *, num_rows: int | None = None,
-                    source_rows: int | None = None) -> torch.LongTensor:
+                    source_rows: int | None = None) -> torch.Tensor:
     """index_map[target_row] = source row of the same token string, or -1 where the source lacks it.
 
     `num_rows`: the target embedding's row count (often padded beyond the tokenizer); rows without a
@@ -68,7 +68,7 @@ class VocabAlignment:
     """How one source's rows map onto the target's rows."""
 
     source: str
-    index_map: torch.LongTensor
+    index_map: torch.Tensor  # int64
     target_tokens: int  # rows of the target that carry a token
 
     @property

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -28,10 +27,11 @@ import numpy as np
 import optuna
 
 from evomerge.errors import ConfigError
+from evomerge.search.heartbeat import Heartbeat
 from evomerge.search.optimizers import Optimizer
 from evomerge.search.progress import Progress, QuietProgress
 from evomerge.store import RunStore, TrialRecord
-from evomerge.store.locks import HEARTBEAT_SECONDS, worker_alive
+from evomerge.store.locks import worker_alive
 
 WAIT_POLL_SECONDS = 0.2
 STALE_CHECK_SECONDS = 5.0
@@ -105,44 +105,6 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
-class _Heartbeat:
-    """Background thread that records Optuna heartbeats for the trials this process has in flight,
-    so another worker can tell a slow trial from a dead one."""
-
-    def __init__(self, store: RunStore, interval: float = HEARTBEAT_SECONDS):
-        self.store, self.interval = store, interval
-        self.trials: dict[int, optuna.trial.Trial] = {}
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="evomerge-heartbeat", daemon=True)
-
-    def __enter__(self) -> "_Heartbeat":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def add(self, trial: optuna.trial.Trial) -> None:
-        with self._lock:
-            self.trials[trial.number] = trial
-
-    def discard(self, trial: optuna.trial.Trial) -> None:
-        with self._lock:
-            self.trials.pop(trial.number, None)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            with self._lock:
-                trials = list(self.trials.values())
-            for trial in trials:
-                try:
-                    self.store.record_heartbeat(trial)
-                except Exception:
-                    pass  # a busy database must not kill the run; the next beat retries
-
-
 def _penalties(values: list[list[float] | None], fallback: list[list[float]], n_obj: int) -> list[float]:
     """Worst fitness for failed candidates: below every ok value of the generation by its spread
     (at least 1), so rank-based cma puts failures last; deterministic given the generation."""
@@ -192,7 +154,7 @@ def run_search(
 
         s = _Session(store, optimizer, objective, dedupe_key, progress, int(max_trials), deadline)
         progress.start(max_trials=int(max_trials), finished=store.count_finished(), max_seconds=max_seconds)
-        with _Heartbeat(store) as hb:
+        with Heartbeat(store) as hb:
             s.hb = hb
             stop_reason = s.loop(n_obj)
         summary = SearchSummary(
@@ -203,7 +165,7 @@ def run_search(
             duplicates=s.duplicates,
             reused=s.reused,
             stale=stale,
-            best=(store.best(1) or [None])[0],
+            best=top[0] if (top := store.best(1)) else None,
             seconds=time.monotonic() - t0,
             generations=optimizer.generation,
         )
@@ -223,7 +185,7 @@ class _Session:
         self.dedupe_key, self.progress = dedupe_key, progress
         self.max_trials, self.deadline = max_trials, deadline
         self.evaluated = self.failed = self.duplicates = self.reused = 0
-        self.hb: _Heartbeat | None = None
+        self.hb: Heartbeat | None = None
         self.index: dict[str, TrialRecord] = {}  # dedupe key -> first finished trial
         self.best: list[TrialRecord] = []
 
@@ -295,7 +257,7 @@ class _Session:
             ok_vals = [r.values if r is not None and r.status == "ok" else None for r in results]
             prior = [r.values for r in self.store.trials() if r.status == "ok" and r.values
                      and (r.generation is None or r.generation < gen)] if all(v is None for v in ok_vals) else []
-            worst = _penalties(ok_vals, prior, n_obj)  # type: ignore[arg-type]
+            worst = _penalties(ok_vals, prior, n_obj)
             tell_vals = [v if v is not None else worst for v in ok_vals]
             self.opt.tell(genomes, [v[0] if n_obj == 1 else v for v in tell_vals])
             self.store.save_optimizer_state(self.opt.state_dict())

@@ -18,7 +18,7 @@ import math
 import pickle
 import warnings
 from abc import ABC, abstractmethod
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence, cast
 
 import numpy as np
 import optuna
@@ -34,7 +34,11 @@ def default_popsize(dim: int) -> int:
 
 
 def _as_values(value: float | Sequence[float], n_objectives: int) -> list[float]:
-    vals = [float(value)] if np.isscalar(value) else [float(v) for v in value]  # type: ignore[arg-type]
+    # np.isscalar narrows to numpy's scalar types (complex, str, ...), not to our float / Sequence[float]
+    if np.isscalar(value):
+        vals = [float(cast(float, value))]
+    else:
+        vals = [float(v) for v in cast(Sequence[float], value)]
     if len(vals) != n_objectives:
         raise ValueError(f"expected {n_objectives} fitness value(s), got {len(vals)}")
     return vals
@@ -140,7 +144,7 @@ class CMAOptimizer(Optimizer):
         n_objectives: int = 1,
         popsize: int | None = None,
         sigma0: float = 1 / 6,
-        x0: Sequence[float] | None = None,
+        x0: Sequence[float] | np.ndarray | None = None,
         restarts: int = 0,
         cma_options: dict[str, Any] | None = None,
     ):
@@ -281,7 +285,7 @@ def make_optimizer(
     n_objectives: int = 1,
     popsize: int | None = None,
     sigma0: float = 1 / 6,
-    x0: Sequence[float] | None = None,
+    x0: Sequence[float] | np.ndarray | None = None,
     restarts: int = 0,
     sampler_kwargs: dict[str, Any] | None = None,
 ) -> Optimizer:

@@ -7,6 +7,9 @@ import time
 from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:
+    from rich.progress import Progress as RichBar
+    from rich.progress import TaskID
+
     from evomerge.store import TrialRecord
 
 
@@ -90,8 +93,8 @@ class RichProgress(Progress):
         self.console = console or Console(stderr=True)
         self.log_trials = log_trials
         self.stats = _Stats()
-        self._progress = None
-        self._task = None
+        self._progress: RichBar | None = None
+        self._task: TaskID | None = None
 
     def _line(self, best: list["TrialRecord"]) -> str:
         st = self.stats
@@ -115,6 +118,7 @@ class RichProgress(Progress):
     def trial(self, record: "TrialRecord", best: list["TrialRecord"]) -> None:
         self.stats.add(record)
         if self._progress is not None:
+            assert self._task is not None  # start() sets both
             self._progress.update(self._task, completed=self.stats.finished, line=self._line(best))
             if record.status != "ok" and record.duplicate_of is None:
                 from rich.markup import escape

@@ -209,8 +209,10 @@ class ParameterSpace:
             per_model[s.chat_vector.chat].setdefault("weight", 1.0)
         entries = [ModelEntry(model=self.refs[m], parameters=per_model[m] or None) for m in self.members]
         if self.method == "slerp":
+            assert s.base_model is not None  # _members() refused slerp without base_model
             entries.insert(0, ModelEntry(model=self.refs[s.base_model]))
         target = s.chat_vector.target if s.chat_vector else (s.base_model or self.members[0])
+        assert self.method is not None  # without a method there are no members (see __init__)
         return Recipe(
             merge_method=self.method,
             base_model=self.refs[s.base_model] if s.base_model and (self.spec.needs_base) else None,
@@ -218,7 +220,8 @@ class ParameterSpace:
             parameters=shared or None,
             dtype=s.dtype,
             evomerge=EvomergeOptions(seed=s.seed, embeddings=s.embeddings,
-                                     target_model=self.refs[target] if s.chat_vector or s.embeddings != "merge" else None),
+                                     target_model=(self.refs[target]
+                                                   if s.chat_vector or s.embeddings != "merge" else None)),
         )
 
     # -- recipe -> genome --------------------------------------------------------------------------

@@ -76,7 +76,7 @@ class StackSpace:
         self.layer_counts = [s.num_layers() for s in self.sources]
         if st.mode == "dfs":
             self.dfs = DfsSpace(self.layer_counts, repeats=st.repeats, target=self.target_index,
-                                max_len=st.max_length, scale_bounds=tuple(st.scale_range))
+                                max_len=st.max_length, scale_bounds=st.scale_range)
             self.dim = self.dfs.genome_size
         else:
             n = self.layer_counts[0]
@@ -90,6 +90,7 @@ class StackSpace:
 
         folder = Path(run_dir) / "ps_model"
         if not (folder / "config.json").exists():
+            assert self.st.ps_recipe is not None  # only called with a ps_recipe
             recipe_path = Path(self.st.ps_recipe)
             if not recipe_path.is_absolute():
                 recipe_path = base_dir / recipe_path

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import optuna
 from optuna.distributions import FloatDistribution, distribution_to_json
@@ -32,7 +32,7 @@ STATE = Table("evomerge_state", _META, Column("key", String(128), primary_key=Tr
               Column("value", LargeBinary, nullable=False))
 
 
-def make_storage(db_path: Path) -> optuna.storages.RDBStorage:
+def open_rdb(db_path: Path) -> optuna.storages.RDBStorage:
     """Optuna's RDB storage on a SQLite file in WAL mode (writers don't block readers; survives kill -9)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -55,7 +55,7 @@ def make_storage(db_path: Path) -> optuna.storages.RDBStorage:
     return storage
 
 
-def close_storage(storage: optuna.storages.RDBStorage) -> None:
+def close_rdb(storage: optuna.storages.RDBStorage) -> None:
     storage.remove_session()
     storage.engine.dispose()
 
@@ -86,7 +86,7 @@ def fail_trial(study: optuna.Study, tid: int) -> None:
     study._storage.set_trial_state_values(tid, TrialState.FAIL)
 
 
-def stale_trial_ids(storage: optuna.storages.RDBStorage, study: optuna.Study) -> set[int]:
+def stale_trials(storage: optuna.storages.RDBStorage, study: optuna.Study) -> set[int]:
     """RUNNING trials whose heartbeat is older than the grace period."""
     return set(storage._get_stale_trial_ids(study._study_id))
 
@@ -109,7 +109,8 @@ def write_float_params(storage: optuna.storages.RDBStorage, tid: int, params: di
             for k, v in params.items()]
     with _create_scoped_session(storage.scoped_session, True) as session:
         model = models.TrialModel.find_or_raise_by_id(tid, session, for_update=True)
-        storage.check_trial_is_updatable(tid, model.state)
+        # optuna's model annotates the Column; a loaded row holds the TrialState
+        storage.check_trial_is_updatable(tid, cast(TrialState, model.state))
         session.execute(_insert(storage, models.TrialParamModel.__table__).values(rows))
 
 
@@ -119,7 +120,7 @@ def set_user_attrs(storage: optuna.storages.RDBStorage, tid: int, attrs: dict[st
     rows = [{"trial_id": tid, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()]
     with _create_scoped_session(storage.scoped_session, True) as session:
         trial = models.TrialModel.find_or_raise_by_id(tid, session, for_update=True)
-        storage.check_trial_is_updatable(tid, trial.state)
+        storage.check_trial_is_updatable(tid, cast(TrialState, trial.state))
         stmt = _insert(storage, table).values(rows)
         session.execute(stmt.on_conflict_do_update(index_elements=[table.c.trial_id, table.c.key],
                                                    set_={"value_json": stmt.excluded.value_json}))

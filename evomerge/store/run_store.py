@@ -14,7 +14,7 @@ import os
 import pickle
 import tempfile
 import warnings
-from typing import Any, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 import optuna
@@ -80,8 +80,10 @@ class RunStore:
         except OSError as exc:
             raise ConfigError(f"cannot write the run folder: {exc.strerror or exc}", file=str(folder.root)) from None
         atomic_write_text(folder.config, config_text)
-        storage = backend.make_storage(folder.db)
-        study = optuna.create_study(storage=storage, study_name=folder.name, directions=dirs)
+        storage = backend.open_rdb(folder.db)
+        study_dirs: list[Literal["minimize", "maximize"]] = [
+            "maximize" if d == "maximize" else "minimize" for d in dirs]  # dirs checked above
+        study = optuna.create_study(storage=storage, study_name=folder.name, directions=study_dirs)
         study.set_user_attr("config_sha256", sha256_text(config_text))
         study.set_user_attr("meta", dict(meta or {}))
         study.set_user_attr("created_at", _dt.datetime.now().isoformat(timespec="seconds"))
@@ -95,7 +97,7 @@ class RunStore:
         folder = RunFolder(run_dir)
         if not folder.exists():
             raise ConfigError("no run here (study.db missing); start one with `evomerge run`", file=str(folder.root))
-        storage = backend.make_storage(folder.db)
+        storage = backend.open_rdb(folder.db)
         names = optuna.get_all_study_names(storage)
         if len(names) != 1:
             raise ConfigError(f"expected one study in the run database, found {len(names)}", file=str(folder.db))
@@ -121,7 +123,7 @@ class RunStore:
 
     def close(self) -> None:
         self.unlock()
-        backend.close_storage(self.storage)
+        backend.close_rdb(self.storage)
 
     # -- study-level attributes ---------------------------------------------------------------------
     @property
@@ -191,7 +193,7 @@ class RunStore:
 
     def finish_trial(self, trial: optuna.trial.Trial, *, values: Sequence[float] | None, status: str,
                      error: str = "", metrics: dict[str, Any] | None = None, recipe_yaml: str = "",
-                     layer_params: dict[str, Sequence[float]] | None = None, merge_seconds: float | None = None,
+                     layer_params: Mapping[str, Sequence[float]] | None = None, merge_seconds: float | None = None,
                      eval_seconds: float | None = None, duplicate_of: int | None = None) -> None:
         """Write the outcome of a trial: COMPLETE with `values` when status is "ok", else FAIL."""
         attrs: dict[str, Any] = {
@@ -230,7 +232,7 @@ class RunStore:
         With `all_running` (we hold the exclusive lock, so no other worker lives) every RUNNING or
         WAITING trial is stale; otherwise a trial is stale when its worker process on this host is
         gone or its heartbeat is older than the grace period."""
-        heartbeat_stale = backend.stale_trial_ids(self.storage, self.study)
+        heartbeat_stale = backend.stale_trials(self.storage, self.study)
         now = _dt.datetime.now()
         stale = []
         for ft in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):

@@ -3,6 +3,8 @@ chosen on the search split, exactly as a person tuning a mergekit YAML by hand w
 
 from __future__ import annotations
 
+from typing import Any
+
 from evomerge.config import SearchConfig
 from evomerge.recipe import Recipe
 
@@ -13,10 +15,11 @@ SLERP_GRID = (0.25, 0.5, 0.75)
 
 def uniform_baselines(space: SearchConfig, refs: dict[str, str]) -> dict[str, list[Recipe]]:
     """label -> candidate recipes (the best on the search split is reported on the held-out split)."""
-    common = {"dtype": space.dtype, "evomerge": {"seed": space.seed, "embeddings": space.embeddings}}
+    common: dict[str, Any] = {"dtype": space.dtype, "evomerge": {"seed": space.seed, "embeddings": space.embeddings}}
     base = space.base_model
     if space.chat_vector:
         cv = space.chat_vector
+        assert base is not None  # SearchConfig requires base_model with chat_vector
         target = {"target_model": refs[cv.target]}
         return {"chat vector, uniform λ": [Recipe.from_dict({
             "merge_method": "task_arithmetic", "base_model": refs[base],

@@ -82,7 +82,7 @@ def test_tokenizer_round_trips_task_strings(zoo):
             assert tok.decode(ids) == text
     ids, labels = encode_items(tok, zoo.items("search", "count")[:4])
     # Loss only on answer + EOS: every labelled row ends with EOS and the prompt is unlabelled.
-    for row, lab, item in zip(ids, labels, zoo.items("search", "count")[:4]):
+    for lab, item in zip(labels, zoo.items("search", "count")[:4]):
         n = int((lab != -100).sum())
         assert n == len(item.answer) + 1 and tok.eos_token_id in lab.tolist()
         assert (lab[: len(item.prompt)] == -100).all()

@@ -41,8 +41,8 @@ def pair(tmp_path_factory):
     a = random_model(cfg, seed=0)
     b = perturbed(a, seed=1, scale=0.3)  # a "fine-tune" far enough that a wrong source shows
     root = tmp_path_factory.mktemp("stack")
-    return {"a": a, "b": b, "tok": tok, "dir_a": save_model(a, tok, root / "a"), "dir_b": save_model(b, tok, root / "b"),
-            "root": root}
+    return {"a": a, "b": b, "tok": tok, "dir_a": save_model(a, tok, root / "a"),
+            "dir_b": save_model(b, tok, root / "b"), "root": root}
 
 
 def _ids(model, n=2, length=12, seed=0):
@@ -141,16 +141,18 @@ def test_weights_are_shared_not_copied(pair):
     before = _logits(a, _ids(a))
     stacked = build_stacked_model(a, PATH, SCALES, [a, b])
     layers = stacked.model.layers
-    for name in ("self_attn.q_proj.weight", "self_attn.o_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight"):
+    for name in ("self_attn.q_proj.weight", "self_attn.o_proj.weight", "mlp.down_proj.weight",
+                 "input_layernorm.weight"):
         src = a.model.layers[1].get_parameter(name)
         assert layers[1].get_parameter(name).data_ptr() == layers[4].get_parameter(name).data_ptr() == src.data_ptr()
     assert layers[1].self_attn is not layers[4].self_attn
     assert (layers[1].self_attn.layer_idx, layers[4].self_attn.layer_idx) == (1, 4)
-    assert [l.self_attn.layer_idx for l in a.model.layers] == [0, 1, 2, 3]  # sources untouched
+    assert [layer.self_attn.layer_idx for layer in a.model.layers] == [0, 1, 2, 3]  # sources untouched
     assert stacked.model.embed_tokens.weight.data_ptr() == a.model.embed_tokens.weight.data_ptr()
     assert stacked.lm_head.weight.data_ptr() == a.lm_head.weight.data_ptr()
     # the stack owns no tensor of its own: its parameters are exactly those of the layers it uses + A's ends
-    used = [a.model.layers[1], a.model.layers[2]] + list(b.model.layers) + [a.model.embed_tokens, a.model.norm, a.lm_head]
+    used = ([a.model.layers[1], a.model.layers[2]] + list(b.model.layers)
+            + [a.model.embed_tokens, a.model.norm, a.lm_head])
     assert {id(p) for p in stacked.parameters()} == {id(p) for m in used for p in m.parameters()}
     torch.testing.assert_close(_logits(a, _ids(a)), before, atol=0, rtol=0)  # no hooks leaked into a
 
@@ -232,12 +234,13 @@ def test_fold_other_architectures(family):
     path = [(0, 0), (1, 1), (0, 1), (0, 1), (0, 3)]
     scales = [1.0, 1.3, 0.7, 1.2, 0.9]
     stacked = build_stacked_model(a, path, scales, [a, b])
-    assert stacked.config.layer_types == [cfg.layer_types[l] for _, l in path]
+    assert stacked.config.layer_types == [cfg.layer_types[layer] for _, layer in path]
     ids = _ids(a)
     ls = _logits(stacked, ids)
     torch.testing.assert_close(_logits(fold_scales(stacked), ids), ls, atol=ATOL, rtol=0)
     gen = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
-    assert stacked.generate(ids[:1], use_cache=True, **gen).tolist() == stacked.generate(ids[:1], use_cache=False, **gen).tolist()
+    cached = stacked.generate(ids[:1], use_cache=True, **gen).tolist()
+    assert cached == stacked.generate(ids[:1], use_cache=False, **gen).tolist()
 
 
 def test_dus_recipe_and_path(pair):

@@ -112,7 +112,9 @@ def test_failures_are_recorded_and_the_run_goes_on(tmp_path):
 
 
 def test_keyboard_interrupt_propagates_and_run_resumes(tmp_path):
-    def interrupt_on_third(x, calls={"n": 0}):
+    calls = {"n": 0}
+
+    def interrupt_on_third(x):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
@@ -137,7 +139,9 @@ def test_identical_candidates_are_evaluated_once(tmp_path):
         return quadratic(np.round(x, 1))
 
     store = new_store(tmp_path)
-    coarse = lambda g: genome_key(np.round(g, 1))  # a recipe grid of 0.1: many genomes, few recipes
+    def coarse(g):  # a recipe grid of 0.1: many genomes, few recipes
+        return genome_key(np.round(g, 1))
+
     s = run_search(store, make_optimizer("cmaes", 2, seed=0, sigma0=0.05), counted, max_trials=42,
                    dedupe_key=coarse)
     recs = store.trials()
@@ -161,7 +165,9 @@ def test_rich_progress_reports_trials_generations_and_failures(tmp_path):
     buf = io.StringIO()
     progress = RichProgress(Console(file=buf, width=200, force_terminal=False))
 
-    def obj(x, calls={"n": 0}):
+    calls = {"n": 0}
+
+    def obj(x):
         calls["n"] += 1
         return Outcome(values=[float("nan")]) if calls["n"] == 2 else quadratic(x)
 
@@ -259,7 +265,8 @@ def test_kill9_then_resume_loses_nothing_and_matches_uninterrupted_run(tmp_path)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     con = sqlite3.connect(run_dir / "study.db")
-    before = con.execute("SELECT number, state FROM trials WHERE state IN ('COMPLETE','FAIL') ORDER BY number").fetchall()
+    before = con.execute("SELECT number, state FROM trials WHERE state IN ('COMPLETE','FAIL') "
+                         "ORDER BY number").fetchall()
     con.close()
     assert 11 <= len(before) < 40
 

@@ -147,8 +147,8 @@ def _finished(db: Path) -> int:
 
 
 def _trial_table(run: Path) -> list[tuple]:
-    return [(t.number, tuple(np.round(t.genome, 12)), tuple(t.values or ())) for t in RunStore.open(run, verify_config=False).trials()
-            if t.finished]
+    return [(t.number, tuple(np.round(t.genome, 12)), tuple(t.values or ()))
+            for t in RunStore.open(run, verify_config=False).trials() if t.finished]
 
 
 def kill_resume_and_compare(space_a: Path, space_b: Path, *, kill_after: int, total: int) -> list[tuple]:
