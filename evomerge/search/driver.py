@@ -1,18 +1,23 @@
-"""The search loop: ask a generation, evaluate what is new, record every trial as it finishes,
-tell, checkpoint. Knows nothing about models: `objective(genome) -> Outcome`.
+"""The search loop of one worker: take a candidate, evaluate it, record the trial as it finishes.
+Knows nothing about models: `objective(genome) -> Outcome`.
 
-What it guarantees (see tests/search/test_driver.py):
-- a candidate that raises (CUDA OOM included) or returns NaN/inf is recorded "failed" with its
-  reason and gets the worst fitness for the optimizer; the run goes on. KeyboardInterrupt is not
-  swallowed (the trial in flight is marked "interrupted").
+Every candidate is a trial in the run's storage, so any number of workers (processes, machines) can
+share a run, and a killed worker loses only the candidate it was evaluating:
+- optimizers that propose whole generations (CMA-ES): one generation at a time is enqueued as WAITING
+  trials that any worker pops; the worker that finds a generation complete tells the optimizer and
+  enqueues the next one under a storage lease, with the optimizer's state kept in the storage
+  (evomerge/search/generations.py). A run made by several workers, or resumed after kill -9, holds the
+  same trials as one uninterrupted worker with the same seed.
+- Optuna samplers propose inside trials: a worker reserves a place in the budget under a lease and
+  opens a trial the sampler fills; each worker's sampler is seeded from the run seed and its worker slot.
+- the budget is counted in the storage and never overshot; a worker with nothing to take waits while
+  others finish (a dead worker's trial is failed by its heartbeat or process check and enqueued again).
+- a candidate that raises (CUDA OOM included) or returns NaN/inf is recorded "failed" with its reason
+  and gets the worst fitness for the optimizer; the run goes on. KeyboardInterrupt (and SIGTERM, which
+  the CLI turns into one) marks the trial in flight "interrupted" and leaves the rest for a resume.
 - a candidate whose dedupe key matches a finished trial is not evaluated again; the stored result is
-  recorded as a new trial with `duplicate_of` (so the optimizer and Optuna samplers get a value).
-- resume: a cma run restores the checkpoint of the last completed generation, re-asks it (same RNG
-  state, same genomes), reuses that generation's finished trials and evaluates only the missing
-  ones, so a resumed run with a fixed seed yields the same trials as an uninterrupted one.
-- several workers (Optuna samplers only) may share a run: each evaluates only trials it asked, and a
-  worker whose candidate is being evaluated by another worker waits for that result.
-  A cma run takes one process (exclusive lock on run.lock).
+  recorded as a new trial with `duplicate_of`. Two workers holding the same candidate at once: one
+  evaluates, the other waits for its result (claims in the storage).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import numpy as np
 import optuna
 
 from evomerge.errors import ConfigError
+from evomerge.search.generations import GenerationQueue
 from evomerge.search.heartbeat import Heartbeat
 from evomerge.search.optimizers import Optimizer
 from evomerge.search.progress import Progress, QuietProgress
@@ -72,14 +78,15 @@ class CandidateFailed(Exception):
 class SearchSummary:
     stop_reason: str  # "max_trials", "max_seconds", "converged"
     finished: int  # finished trials in the store (all sessions, all workers)
-    evaluated: int  # objective calls in this session
+    evaluated: int  # objective calls by this worker in this session
     failed: int  # of which failed
-    duplicates: int  # candidates answered from a stored trial in this session
-    reused: int  # finished trials of an interrupted generation taken from the store on resume
-    stale: list[int]  # trial numbers marked stale when this session started
+    duplicates: int  # candidates answered from a stored trial by this worker
+    stale: list[int]  # trial numbers this worker found stale (their candidates were enqueued again)
     best: TrialRecord | None
-    seconds: float
+    seconds: float  # this session's wall time
     generations: int  # the optimizer's generation counter at the end
+    worker: int  # this worker's slot (0 for the first worker of a run)
+    idle_seconds: float  # time this worker waited with nothing to take
 
 
 def genome_key(genome: np.ndarray, decimals: int = 12) -> str:
@@ -105,17 +112,6 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
-def _penalties(values: list[list[float] | None], fallback: list[list[float]], n_obj: int) -> list[float]:
-    """Worst fitness for failed candidates: below every ok value of the generation by its spread
-    (at least 1), so rank-based cma puts failures last; deterministic given the generation."""
-    pool = [v for v in values if v is not None] or fallback
-    if not pool:
-        return [0.0] * n_obj
-    arr = np.asarray(pool, dtype=float)
-    lo, hi = arr.min(axis=0), arr.max(axis=0)
-    return [float(low - max(1.0, high - low)) for low, high in zip(lo, hi)]
-
-
 def run_search(
     store: RunStore,
     optimizer: Optimizer,
@@ -125,9 +121,13 @@ def run_search(
     max_seconds: float | None = None,
     dedupe_key: Callable[[np.ndarray], str] = genome_key,
     progress: Progress | None = None,
+    slot: int | None = None,
+    backup_every: int = 0,
 ) -> SearchSummary:
-    """Run (or resume) the search in `store` until `max_trials` finished trials (counted across
-    resumes and workers), `max_seconds` of wall time in this session, or the optimizer stops."""
+    """Work on the search in `store` until `max_trials` finished trials (counted in the storage, across
+    resumes and workers), `max_seconds` of the run's search time (across resumes), or the optimizer
+    stops. `slot`: this worker's slot (default: registered now); build the optimizer with the same slot
+    (`make_optimizer(..., slot=slot)`) so that each worker's sampler draws from its own seed. `backup_every`: back up a SQLite run every this many finished trials."""
     if isinstance(max_trials, bool) or not isinstance(max_trials, (int, np.integer)) or max_trials <= 0:
         raise ConfigError(f"max_trials must be a positive integer, got {max_trials!r}", key="max_trials")
     if max_seconds is not None and not (isinstance(max_seconds, (int, float)) and max_seconds > 0):
@@ -139,58 +139,78 @@ def run_search(
         )
     progress = progress or QuietProgress()
     t0 = time.monotonic()
-    deadline = None if max_seconds is None else t0 + float(max_seconds)
-    n_obj = optimizer.n_objectives
-
-    store.lock(exclusive=not optimizer.parallel_safe)
-    try:
-        stale = store.fail_stale_trials(all_running=not optimizer.parallel_safe)
-        state = store.load_optimizer_state()
+    slot = store.register_worker() if slot is None else slot
+    stale = store.fail_stale_trials()
+    s = _Session(store, optimizer, objective, dedupe_key, progress, int(max_trials), max_seconds, slot)
+    s.backup_every = backup_every
+    s.stale = stale
+    if optimizer.samples_in_trials:
+        state = store.load_optimizer_state(s.state_key)
         if state is not None:
             optimizer.load_state_dict(state)
-        store.use_sampler(optimizer.sampler)
-        store.set_attr("budget", {"max_trials": int(max_trials), "max_seconds": max_seconds})
+    store.use_sampler(optimizer.sampler)
+    if slot == 0:
         store.set_attr("optimizer", {"name": optimizer.name, "popsize": optimizer.popsize, "seed": optimizer.seed})
-
-        s = _Session(store, optimizer, objective, dedupe_key, progress, int(max_trials), deadline)
-        progress.start(max_trials=int(max_trials), finished=store.count_finished(), max_seconds=max_seconds)
+    store.set_attr("budget", {"max_trials": int(max_trials), "max_seconds": max_seconds})
+    progress.start(max_trials=int(max_trials), finished=store.count_finished(), max_seconds=max_seconds)
+    try:
         with Heartbeat(store) as hb:
             s.hb = hb
-            stop_reason = s.loop(n_obj)
-        summary = SearchSummary(
-            stop_reason=stop_reason,
-            finished=store.count_finished(),
-            evaluated=s.evaluated,
-            failed=s.failed,
-            duplicates=s.duplicates,
-            reused=s.reused,
-            stale=stale,
-            best=top[0] if (top := store.best(1)) else None,
-            seconds=time.monotonic() - t0,
-            generations=optimizer.generation,
-        )
-        progress.finish(summary)
-        return summary
+            stop_reason = s.loop()
     finally:
-        store.unlock()
+        s.tick()
+    top = store.best(1)
+    summary = SearchSummary(
+        stop_reason=stop_reason,
+        finished=store.count_finished(),
+        evaluated=s.evaluated,
+        failed=s.failed,
+        duplicates=s.duplicates,
+        stale=s.stale,
+        best=top[0] if top else None,
+        seconds=time.monotonic() - t0,
+        generations=optimizer.generation,
+        worker=slot,
+        idle_seconds=s.idle,
+    )
+    progress.finish(summary)
+    return summary
 
 
 class _Session:
-    """State of one `run_search` call."""
+    """State of one worker's `run_search` call."""
 
     def __init__(self, store: RunStore, optimizer: Optimizer, objective: Callable[[np.ndarray], Outcome],
                  dedupe_key: Callable[[np.ndarray], str], progress: Progress, max_trials: int,
-                 deadline: float | None):
+                 max_seconds: float | None, slot: int):
         self.store, self.opt, self.objective = store, optimizer, objective
         self.dedupe_key, self.progress = dedupe_key, progress
-        self.max_trials, self.deadline = max_trials, deadline
-        self.evaluated = self.failed = self.duplicates = self.reused = 0
+        self.max_trials, self.max_seconds, self.slot = max_trials, max_seconds, slot
+        self.state_key = "optimizer" if not optimizer.samples_in_trials else f"sampler:{slot}"
+        self.queue = None if optimizer.samples_in_trials else GenerationQueue(
+            store, optimizer, max_trials=max_trials, dedupe_key=dedupe_key)
+        self.evaluated = self.failed = self.duplicates = 0
+        self.idle = 0.0
+        self.stale: list[int] = []
+        self.backup_every = 0
         self.hb: Heartbeat | None = None
         self.index: dict[str, TrialRecord] = {}  # dedupe key -> first finished trial
         self.best: list[TrialRecord] = []
+        self._last_tick = time.time()
+        self._used = store.search_seconds()
+        self._last_stale_check = time.monotonic()
+
+    # -- budget and clock -----------------------------------------------------------------------
+    def tick(self) -> None:
+        """Add this worker's time since its last tick to the run's search time."""
+        now = time.time()
+        self._used = self.store.search_seconds(since=self._last_tick, now=now)
+        self._last_tick = now
 
     def _time_up(self) -> bool:
-        return self.deadline is not None and time.monotonic() >= self.deadline
+        if self.max_seconds is None:
+            return False
+        return self._used + (time.time() - self._last_tick) >= self.max_seconds
 
     def _refresh(self) -> int:
         """Re-read the store (other workers add trials too): dedupe index and best; returns the
@@ -208,75 +228,79 @@ class _Session:
             self.index.setdefault(rec.key, rec)
         if rec.status == "ok" and rec.duplicate_of is None and rec.values:
             sign = 1.0 if self.store.directions[0] == "maximize" else -1.0
-            if not self.best or sign * rec.values[0] > sign * self.best[0].values[0]:  # type: ignore[index]
+            if not self.best or sign * rec.values[0] > sign * (self.best[0].values or [0.0])[0]:
                 self.best = [rec]
 
-    def loop(self, n_obj: int) -> str:
+    # -- the loop ---------------------------------------------------------------------------------
+    def loop(self) -> str:
         while True:
-            if self.opt.parallel_safe and self.opt.generation > 0:
-                self.store.fail_stale_trials()  # a peer worker died: its trials must not stay RUNNING
             finished = self._refresh()
             if finished >= self.max_trials:
+                if self.queue is not None:  # tell the last complete generation: the state stays current
+                    self._advance()
                 return "max_trials"
             if self._time_up():
                 return "max_seconds"
-            if self.opt.should_stop():
-                return "converged"
-            gen = self.opt.generation
-            genomes, opened = self._propose(self.max_trials - finished)
-            stored = self.store.generation_trials(gen) if self.opt.reproducible_ask else {}
-            results: list[TrialRecord | None] = [None] * len(genomes)
-            handed: set[int] = set()
-            stop: str | None = None
-            try:
-                for i, genome in enumerate(genomes):
-                    rec = stored.get(i)
-                    if rec is not None and rec.genome is not None and np.array_equal(rec.genome, genome):
-                        results[i] = rec  # finished before an interruption: reuse, do not repeat
-                        self.reused += 1
-                        continue
-                    if finished >= self.max_trials:
-                        stop = "max_trials"
-                        break
-                    if self._time_up():
-                        stop = "max_seconds"
-                        break
-                    handed.add(i)
-                    results[i] = self._run_one(gen, i, genome, opened[i])
-                    finished += 1
-            except BaseException:
-                for i, t in enumerate(opened):
-                    if t is not None and i not in handed:
-                        self.store.abort_trial(t, "interrupted", "the run was interrupted")
-                raise
-            if stop is not None:
-                for i, t in enumerate(opened):  # sampler batches: opened but never evaluated
-                    if t is not None and i not in handed:
-                        self.store.abort_trial(t, "cancelled", f"budget reached ({stop}) before evaluation")
-                return stop
-            ok_vals = [r.values if r is not None and r.status == "ok" else None for r in results]
-            prior = [r.values for r in self.store.trials() if r.status == "ok" and r.values
-                     and (r.generation is None or r.generation < gen)] if all(v is None for v in ok_vals) else []
-            worst = _penalties(ok_vals, prior, n_obj)
-            tell_vals = [v if v is not None else worst for v in ok_vals]
-            self.opt.tell(genomes, [v[0] if n_obj == 1 else v for v in tell_vals])
-            self.store.save_optimizer_state(self.opt.state_dict())
-            self.progress.generation(gen, [r for r in results if r is not None], self.best)
+            trial = self.store.pop_waiting()
+            if trial is None:
+                trial, stop = self._next_trial()
+                if stop is not None:
+                    return stop
+            if trial is None:  # every candidate is taken: wait for the others (or their trials requeued)
+                self._wait()
+                continue
+            self._run_trial(trial)
 
-    def _propose(self, remaining: int) -> tuple[list[np.ndarray], list[optuna.trial.Trial | None]]:
-        """The generation's genomes, and the trials already opened for them (samplers propose inside
-        trials; a genome from `ask` gets its trial when its turn comes)."""
+    def _next_trial(self) -> tuple[optuna.trial.Trial | None, str | None]:
+        if self.queue is not None:
+            stop = self._advance()
+            if stop is not None and not any(c for k, c in self.store.counts().items() if k != "finished"):
+                return None, stop
+            return self.store.pop_waiting(), None
+        with self.store.lease("budget", 60):
+            c = self.store.counts()
+            if c["finished"] + c["running"] + c["waiting"] >= self.max_trials:
+                return None, None
+            trial = self.store.new_trial()  # takes a waiting trial if one appeared, else a new one
+        return trial, None
+
+    def _advance(self) -> str | None:
+        assert self.queue is not None
+        with self.store.lease("optimizer"):
+            stop = self.queue.advance()
+        for gen, results in self.queue.told:
+            self.progress.generation(gen, results, self.best)
+        self.queue.told.clear()
+        return stop
+
+    def _wait(self) -> None:
+        t = time.monotonic()
+        if t - self._last_stale_check > STALE_CHECK_SECONDS:
+            self.stale += self.store.fail_stale_trials()  # a peer died: its candidate goes back in the queue
+            self._last_stale_check = t
+        time.sleep(WAIT_POLL_SECONDS)
+        self.idle += time.monotonic() - t
+
+    def _run_trial(self, trial: optuna.trial.Trial) -> None:
+        attrs = trial.user_attrs
+        if self.opt.samples_in_trials and "genome" not in attrs:
+            genome = self.opt.sample(trial)
+            n = self.store.count_finished()
+            gen, index = n // self.opt.popsize, n % self.opt.popsize
+        else:
+            genome = np.asarray(attrs["genome"], dtype=float) if "genome" in attrs else self.opt.sample(trial)
+            gen, index = int(attrs.get("generation", 0)), int(attrs.get("gen_index", 0))
+        rec = self._run_one(gen, index, genome, trial)
         if self.opt.samples_in_trials:
-            trials = [self.store.new_trial() for _ in range(self.opt.batch_size(remaining))]
-            return [self.opt.sample(t) for t in trials], list(trials)
-        genomes = self.opt.ask(remaining)
-        return genomes, [None] * len(genomes)
+            self.opt.generation = max(self.opt.generation, (rec.number + 1) // self.opt.popsize)
+            self.store.save_optimizer_state(self.opt.state_dict(), self.state_key)
+        self.tick()
+        if self.backup_every and rec.finished and self.store.count_finished() % self.backup_every == 0:
+            self.store.backup(f"{self.store.count_finished():06d}")
 
     # -- one candidate ----------------------------------------------------------------------------
-    def _run_one(self, gen: int, index: int, genome: np.ndarray, trial: optuna.trial.Trial | None) -> TrialRecord:
+    def _run_one(self, gen: int, index: int, genome: np.ndarray, trial: optuna.trial.Trial) -> TrialRecord:
         key = self.dedupe_key(genome)
-        if trial is None:
-            trial = self.store.open_trial(genome)
         self.store.begin_trial(trial, genome, generation=gen, gen_index=index, key=key)
         assert self.hb is not None
         self.hb.add(trial)
@@ -303,8 +327,6 @@ class _Session:
         it, wait for that result instead of evaluating the same candidate twice."""
         if key in self.index:
             return self.index[key]
-        if not self.opt.parallel_safe:  # exclusive lock: this process wrote every trial it sees
-            return None
         last_check = time.monotonic()
         while True:
             owner = self.store.claim(key, trial)

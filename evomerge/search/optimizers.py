@@ -28,6 +28,11 @@ from evomerge.errors import ConfigError
 from evomerge.store import gene_name
 
 
+def worker_seed(seed: int, slot: int) -> int:
+    """Each worker's sampler seed: the run seed for the first worker, a distinct one for the others."""
+    return seed if slot == 0 else (seed + 7919 * slot) % 2**31
+
+
 def default_popsize(dim: int) -> int:
     """CMA-ES default population 4 + floor(3 ln d) (Hansen; used by Sakana's EvoLLM)."""
     return 4 + int(math.floor(3 * math.log(max(dim, 1))))
@@ -55,11 +60,6 @@ class Optimizer(ABC):
     """
 
     name: str = ""
-    #: True when `ask()` after `load_state_dict()` returns the same genomes again (cma): the driver
-    #: then reuses finished trials of an interrupted generation instead of evaluating them again.
-    reproducible_ask: bool = False
-    #: True when several worker processes may drive one study with this optimizer at once.
-    parallel_safe: bool = False
     #: True: proposals are made inside trials the store opens (`sample`), not by `ask`.
     samples_in_trials: bool = False
 
@@ -130,11 +130,12 @@ class CMAOptimizer(Optimizer):
 
     Defaults follow Sakana's EvoLLM: start at the centre, sigma0 = 1/6, popsize 4 + floor(3 ln d).
     With `restarts > 0`, when cma says stop the ES restarts from x0 with twice the population.
-    One process per run (the driver takes a lock): the ES lives in this process."""
+    Its state is saved after each `tell`; `ask` from a restored state returns the same generation again
+    (the ES and its private random state are restored), so any worker can re-ask a generation that others
+    evaluated and tell it. (A state saved between ask and tell would not do: cma finds its samples by
+    hashes that differ between processes.)"""
 
     name = "cmaes"
-    reproducible_ask = True
-    parallel_safe = False
 
     def __init__(
         self,
@@ -241,7 +242,6 @@ class OptunaOptimizer(Optimizer):
     """An Optuna sampler: each genome is a trial with one `suggest_float(g0000, 0, 1)` per gene. The
     sampler learns from the study's finished trials, so `tell` only advances the generation."""
 
-    parallel_safe = True
     samples_in_trials = True
 
     def __init__(self, name: str, sampler: optuna.samplers.BaseSampler, dim: int, *, seed: int,
@@ -288,14 +288,17 @@ def make_optimizer(
     x0: Sequence[float] | np.ndarray | None = None,
     restarts: int = 0,
     sampler_kwargs: dict[str, Any] | None = None,
+    slot: int = 0,
 ) -> Optimizer:
     """Build an optimizer by name (see OPTIMIZERS). `sampler_kwargs` go to the Optuna sampler's
-    constructor, or for "cmaes" into cma's options dict."""
+    constructor, or for "cmaes" into cma's options dict. `slot`: the worker's slot in a shared run: each
+    worker's sampler draws from its own seed; cma's generations are shared, so it keeps the run seed."""
     kw = dict(sampler_kwargs or {})
     if name == "cmaes":
         return CMAOptimizer(dim, seed=seed, n_objectives=n_objectives, popsize=popsize, sigma0=sigma0, x0=x0,
                             restarts=restarts, cma_options=kw)
     pop = popsize if popsize is not None else default_popsize(dim)
+    seed = worker_seed(seed, slot)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if name == "optuna-cmaes":

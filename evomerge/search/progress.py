@@ -141,8 +141,8 @@ class RichProgress(Progress):
         best = summary.best
         self.console.print(
             f"search stopped ({summary.stop_reason}): {summary.finished} finished trials, "
-            f"{summary.evaluated} evaluated now ({summary.failed} failed, {summary.duplicates} duplicates, "
-            f"{summary.reused} reused) in {_fmt_seconds(summary.seconds)}; "
+            f"{summary.evaluated} evaluated now ({summary.failed} failed, {summary.duplicates} duplicates) "
+            f"in {_fmt_seconds(summary.seconds)}; "
             f"best {('#%d %s' % (best.number, _fmt_values(best.values))) if best else '-'}")
 
 

@@ -5,54 +5,73 @@ Everything else goes through these functions, so an Optuna upgrade that moves th
 - a trial's storage id, lookups by number, state changes, stale trials by heartbeat;
 - bulk writes of a trial's parameters and user attributes in one statement (Optuna's public calls
   commit once per value: 0.4 s a trial at 64 genes);
-- two tables of our own beside Optuna's: `evomerge_claims` (one evaluation per candidate across
-  workers) and `evomerge_state` (the optimizer's state, so the storage is the run's one source of truth).
+- the trial queue: enqueue a WAITING trial with its parameters and attributes in one insert, pop one
+  atomically (several workers never get the same trial);
+- three tables of our own beside Optuna's: `evomerge_claims` (one evaluation per candidate across
+  workers), `evomerge_state` (the optimizer's state and other run state, so the storage is the run's one
+  source of truth) and `evomerge_leases` (short named locks with an expiry, held by one worker at a time).
 """
 
 from __future__ import annotations
 
 import json
+import time
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any, cast
 
 import optuna
-from optuna.distributions import FloatDistribution, distribution_to_json
+from optuna.distributions import FloatDistribution
 from optuna.storages._rdb import models
 from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import TrialState
-from sqlalchemy import Column, Integer, LargeBinary, MetaData, String, Table, event, select, text
+from sqlalchemy import Column, Float, Integer, LargeBinary, MetaData, String, Table, event, exc, select, text
 
-from evomerge.store.locks import GRACE_SECONDS, HEARTBEAT_SECONDS
+from evomerge.store.locks import GRACE_SECONDS, HEARTBEAT_SECONDS, this_worker, worker_alive
 
 _META = MetaData()
 CLAIMS = Table("evomerge_claims", _META, Column("key", String(128), primary_key=True),
                Column("trial_id", Integer, nullable=False))
 STATE = Table("evomerge_state", _META, Column("key", String(128), primary_key=True),
               Column("value", LargeBinary, nullable=False))
+LEASES = Table("evomerge_leases", _META, Column("name", String(128), primary_key=True),
+               Column("owner", String(512), nullable=False), Column("expires", Float, nullable=False))
 
 
-def open_rdb(db_path: Path) -> optuna.storages.RDBStorage:
-    """Optuna's RDB storage on a SQLite file in WAL mode (writers don't block readers; survives kill -9)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        storage = optuna.storages.RDBStorage(
-            f"sqlite:///{db_path}",
-            engine_kwargs={"connect_args": {"timeout": 60}},
-            heartbeat_interval=HEARTBEAT_SECONDS,
-            grace_period=GRACE_SECONDS,
-        )
+def sqlite_url(db_path: Path) -> str:
+    return f"sqlite:///{db_path}"
 
-    @event.listens_for(storage.engine, "connect")
-    def _pragmas(dbapi_conn: Any, _record: Any) -> None:
-        cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=NORMAL")
-        cur.close()
 
-    storage.engine.dispose()  # connections made while creating the tables did not get the pragmas
-    _META.create_all(storage.engine, checkfirst=True)
-    return storage
+def open_rdb(url: str) -> optuna.storages.RDBStorage:
+    """Optuna's RDB storage at `url` (SQLite in WAL mode: writers don't block readers, survives kill -9;
+    or a server such as PostgreSQL), with our tables beside Optuna's. Several processes may open a new
+    database at once: the loser of a race to create the tables retries."""
+    engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
+                                                     heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS)
+            if url.startswith("sqlite"):
+                event.listen(storage.engine, "connect", _sqlite_pragmas)
+                storage.engine.dispose()  # connections made while creating the tables did not get the pragmas
+            _META.create_all(storage.engine, checkfirst=True)
+            return storage
+        except (exc.IntegrityError, exc.ProgrammingError, exc.OperationalError) as err:
+            transient = any(k in str(err) for k in ("already exists", "UNIQUE", "locked"))
+            if attempt == 4 or not transient:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.close()
 
 
 def close_rdb(storage: optuna.storages.RDBStorage) -> None:
@@ -82,8 +101,12 @@ def frozen_trial(study: optuna.Study, tid: int) -> optuna.trial.FrozenTrial:
     return study._storage.get_trial(tid)
 
 
-def fail_trial(study: optuna.Study, tid: int) -> None:
-    study._storage.set_trial_state_values(tid, TrialState.FAIL)
+def fail_trial(study: optuna.Study, tid: int) -> bool:
+    """Finish an unfinished trial as FAIL; False when another process finished it first."""
+    try:
+        return bool(study._storage.set_trial_state_values(tid, TrialState.FAIL))
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
 
 
 def stale_trials(storage: optuna.storages.RDBStorage, study: optuna.Study) -> set[int]:
@@ -99,19 +122,6 @@ def _insert(storage: optuna.storages.RDBStorage, table: Any) -> Any:
     from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
     return sqlite_insert(table)
-
-
-def write_float_params(storage: optuna.storages.RDBStorage, tid: int, params: dict[str, float],
-                       low: float = 0.0, high: float = 1.0) -> None:
-    """Fixed float parameters of a RUNNING trial in one statement (same rows as suggest_float)."""
-    dist = distribution_to_json(FloatDistribution(low, high))
-    rows = [{"trial_id": tid, "param_name": k, "param_value": float(v), "distribution_json": dist}
-            for k, v in params.items()]
-    with _create_scoped_session(storage.scoped_session, True) as session:
-        model = models.TrialModel.find_or_raise_by_id(tid, session, for_update=True)
-        # optuna's model annotates the Column; a loaded row holds the TrialState
-        storage.check_trial_is_updatable(tid, cast(TrialState, model.state))
-        session.execute(_insert(storage, models.TrialParamModel.__table__).values(rows))
 
 
 def set_user_attrs(storage: optuna.storages.RDBStorage, tid: int, attrs: dict[str, Any]) -> None:
@@ -155,3 +165,80 @@ def load_state(storage: optuna.storages.RDBStorage, key: str) -> bytes | None:
     with storage.engine.connect() as conn:
         value = conn.execute(select(STATE.c.value).where(STATE.c.key == key)).scalar_one_or_none()
     return None if value is None else bytes(value)
+
+
+# -- the trial queue ------------------------------------------------------------------------------------
+def enqueue(study: optuna.Study, params: dict[str, float], user_attrs: dict[str, Any]) -> int:
+    """A WAITING trial holding `params` (floats in [0, 1]) and `user_attrs`, written in one insert;
+    returns its number."""
+    dist = FloatDistribution(0.0, 1.0)
+    template = optuna.trial.create_trial(state=TrialState.WAITING, params=params,
+                                         distributions={k: dist for k in params}, user_attrs=user_attrs)
+    tid = study._storage.create_new_trial(study._study_id, template_trial=template)
+    return frozen_trial(study, tid).number
+
+
+def pop_waiting(study: optuna.Study) -> optuna.trial.Trial | None:
+    """Take the oldest WAITING trial (now RUNNING) for this process, or None; atomic across workers."""
+    tid = study._pop_waiting_trial_id()
+    return None if tid is None else optuna.trial.Trial(study, tid)
+
+
+# -- leases: short named locks across processes and machines --------------------------------------------
+def acquire_lease(storage: optuna.storages.RDBStorage, name: str, seconds: float, *, wait: float = 600.0) -> str:
+    """Hold lock `name` for at most `seconds`; returns the owner token for `release_lease`. A holder that
+    dies frees it when the lease expires, or at once when it was a process on this host (so a resume
+    right after kill -9 does not wait). Waits up to `wait` seconds."""
+    token = json.dumps({"token": uuid.uuid4().hex, **this_worker()})
+    deadline = time.monotonic() + wait
+    delay = 0.01
+    while True:
+        now = time.time()
+        with storage.engine.begin() as conn:
+            conn.execute(LEASES.delete().where(LEASES.c.name == name, LEASES.c.expires < now))
+            conn.execute(_insert(storage, LEASES).values(name=name, owner=token, expires=now + seconds)
+                         .on_conflict_do_nothing())
+            owner = conn.execute(select(LEASES.c.owner).where(LEASES.c.name == name)).scalar_one_or_none()
+            if owner is not None and owner != token and worker_alive(_owner(owner)) is False:
+                conn.execute(LEASES.delete().where(LEASES.c.name == name, LEASES.c.owner == owner))
+                continue
+        if owner == token:
+            return token
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the run's '{name}' lock stayed busy for {wait:.0f} s")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+
+
+def _owner(owner: str) -> dict[str, Any] | None:
+    try:
+        value = json.loads(owner)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def release_lease(storage: optuna.storages.RDBStorage, name: str, token: str) -> None:
+    with storage.engine.begin() as conn:
+        conn.execute(LEASES.delete().where(LEASES.c.name == name, LEASES.c.owner == token))
+
+
+def state_keys(storage: optuna.storages.RDBStorage, prefix: str) -> dict[str, bytes]:
+    """Every state row whose key starts with `prefix`."""
+    with storage.engine.connect() as conn:
+        rows = conn.execute(select(STATE.c.key, STATE.c.value).where(STATE.c.key.startswith(prefix))).all()
+    return {str(k): bytes(v) for k, v in rows}
+
+
+def insert_state(storage: optuna.storages.RDBStorage, key: str, value: bytes) -> bool:
+    """Insert a state row unless the key exists; True when this call inserted it."""
+    with storage.engine.begin() as conn:
+        res = conn.execute(_insert(storage, STATE).values(key=key, value=value).on_conflict_do_nothing())
+    return bool(res.rowcount)
+
+
+def replace_state(storage: optuna.storages.RDBStorage, key: str, old: bytes, new: bytes) -> bool:
+    """Compare-and-set of a state row; True when this call replaced `old` by `new`."""
+    with storage.engine.begin() as conn:
+        res = conn.execute(STATE.update().where(STATE.c.key == key, STATE.c.value == old).values(value=new))
+    return bool(res.rowcount)

@@ -2,7 +2,7 @@
 
     config.yaml       the search space as the run started (its sha256 is in the study)
     study.db          the run's storage: Optuna RDB on SQLite (trials, optimizer state, claims)
-    run.lock          flock held by the workers of the run (evomerge/store/locks.py)
+    backups/          online copies of study.db, the newest two
     splits.json       item ids of every split of every task
     best.yaml         the exported recipe (mergekit YAML)
     pareto/           one recipe per non-dominated trial (several objectives)
@@ -35,7 +35,6 @@ class RunFolder:
 
     config = property(lambda self: self.root / "config.yaml")
     db = property(lambda self: self.root / "study.db")
-    lock = property(lambda self: self.root / "run.lock")
     splits = property(lambda self: self.root / "splits.json")
     best = property(lambda self: self.root / "best.yaml")
     pareto = property(lambda self: self.root / "pareto")
@@ -44,6 +43,7 @@ class RunFolder:
     report_md = property(lambda self: self.root / "report.md")
     report = property(lambda self: self.root / "report")
     ps_model = property(lambda self: self.root / "ps_model")
+    backups = property(lambda self: self.root / "backups")
 
     @property
     def storage_url(self) -> str:
@@ -52,6 +52,12 @@ class RunFolder:
     def exists(self) -> bool:
         """A run lives here (its database exists)."""
         return self.db.exists()
+
+    def remove_partial(self) -> None:
+        """What a creation killed half way left behind (a database being built aside)."""
+        for leftover in self.root.glob(".study-*.creating.db*"):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
 
     def remove_results(self) -> None:
         """Everything a finished run derived from its trials (rewritten by the next finish)."""
@@ -67,6 +73,7 @@ class RunFolder:
             with contextlib.suppress(FileNotFoundError):
                 (self.root / name).unlink()
         shutil.rmtree(self.ps_model, ignore_errors=True)
+        shutil.rmtree(self.backups, ignore_errors=True)
         self.remove_results()
 
 

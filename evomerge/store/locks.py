@@ -1,4 +1,4 @@
-"""Who is working on a run: process identity and liveness (Linux /proc), and the run folder's flock.
+"""Who is working on a run: process identity and liveness (Linux /proc), and heartbeat timings.
 
 A worker is {host, pid, start}: the start time of the process tells a reused PID apart. Liveness can
 only be checked on this host; for workers elsewhere only the storage's heartbeats tell.
@@ -6,13 +6,10 @@ only be checked on this host; for workers elsewhere only the storage's heartbeat
 
 from __future__ import annotations
 
-import fcntl
 import os
 import socket
 from pathlib import Path
-from typing import IO, Any
-
-from evomerge.errors import ConfigError
+from typing import Any
 
 HEARTBEAT_SECONDS = 15  # in-flight trials record a heartbeat this often
 GRACE_SECONDS = 120  # a RUNNING trial without heartbeat for this long belongs to a dead worker
@@ -45,40 +42,3 @@ def worker_alive(worker: dict[str, Any] | None) -> bool | None:
         pass
     start = worker.get("start")
     return start is None or _proc_start_ticks(pid) in (None, start)
-
-
-class RunLock:
-    """flock on run.lock: exclusive for single-process optimizers (cma), shared for Optuna samplers
-    (several workers). The kernel drops the lock when the process dies, even on kill -9."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._fh: IO[str] | None = None
-
-    @property
-    def held(self) -> bool:
-        return self._fh is not None
-
-    def acquire(self, exclusive: bool) -> None:
-        if self._fh is not None:
-            return
-        fh = open(self.path, "a+")
-        try:
-            fcntl.flock(fh, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.close()
-            if exclusive:
-                raise ConfigError(
-                    "another evomerge process is working on this run; a cmaes run takes one worker "
-                    "(use tpe, optuna-cmaes, nsga2 or random for several workers on one run)",
-                    file=str(self.path),
-                ) from None
-            raise ConfigError("a single-worker (cmaes) process is running this run; wait for it to finish",
-                              file=str(self.path)) from None
-        self._fh = fh
-
-    def release(self) -> None:
-        if self._fh is not None:
-            fcntl.flock(self._fh, fcntl.LOCK_UN)
-            self._fh.close()
-            self._fh = None

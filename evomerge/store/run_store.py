@@ -7,14 +7,17 @@ one thing a resume needs.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
+import json
 import math
 import os
 import pickle
 import tempfile
+import uuid
 import warnings
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import optuna
@@ -23,7 +26,8 @@ from optuna.trial import TrialState
 from evomerge.errors import ConfigError
 from evomerge.store import backend
 from evomerge.store.folder import RunFolder, atomic_write_text
-from evomerge.store.locks import GRACE_SECONDS, RunLock, this_worker, worker_alive
+from evomerge.store.integrity import backup_database, check_database, is_disk_full
+from evomerge.store.locks import GRACE_SECONDS, this_worker, worker_alive
 from evomerge.store.records import TrialRecord, jsonable
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -40,18 +44,33 @@ def gene_name(i: int) -> str:
     return f"g{i:04d}"
 
 
-class RunStore:
-    """A run folder and its Optuna study. Use `RunStore.create` or `RunStore.open`."""
+def _has_study(url: str, name: str) -> bool:
+    try:
+        return name in optuna.get_all_study_names(url)
+    except Exception:  # a server without our tables yet
+        return False
 
-    def __init__(self, folder: RunFolder, storage: optuna.storages.RDBStorage, study: optuna.Study):
+
+class RunStore:
+    """A run folder and its Optuna study. Use `RunStore.create` or `RunStore.open`.
+
+    The study lives in `runs/NAME/study.db` (SQLite), or on a database server (`storage_url`, e.g.
+    PostgreSQL) for workers on several machines; the run folder then holds the snapshot and the results."""
+
+    def __init__(self, folder: RunFolder, storage: optuna.storages.RDBStorage, study: optuna.Study,
+                 storage_url: str | None = None):
         self.folder = folder
         self.storage = storage
         self.study = study
-        self._lock = RunLock(folder.lock)
+        self.storage_url = storage_url or folder.storage_url
 
     @property
     def run_dir(self):
         return self.folder.root
+
+    @property
+    def on_sqlite(self) -> bool:
+        return self.storage_url.startswith("sqlite")
 
     @staticmethod
     def exists(run_dir: str | os.PathLike) -> bool:
@@ -60,60 +79,100 @@ class RunStore:
     # -- create / open ----------------------------------------------------------------------------
     @classmethod
     def create(cls, run_dir: str | os.PathLike, config_text: str, *, directions: Sequence[str],
-               meta: dict[str, Any] | None = None, overwrite: bool = False) -> RunStore:
-        """Start a new run in `run_dir`: snapshot the config, create the study."""
+               meta: dict[str, Any] | None = None, overwrite: bool = False,
+               storage_url: str | None = None) -> RunStore:
+        """Start a new run: snapshot the config, create the study. Atomic: the run appears whole (its
+        database renamed into place last) or not at all; what a killed creation left is removed here."""
         folder = RunFolder(run_dir)
         dirs = [str(d).lower() for d in directions]
         if not dirs or any(d not in ("maximize", "minimize") for d in dirs):
             raise ConfigError(f"bad objective directions {list(directions)}", key="directions",
                               allowed="a non-empty list of maximize / minimize")
-        if folder.exists():
+        if storage_url is None and folder.exists() or storage_url is not None and _has_study(storage_url, folder.name):
             if not overwrite:
                 raise ConfigError(
                     "a run already exists here (study.db); resume it (evomerge resume), pick another run folder, "
-                    "or pass --overwrite", file=str(folder.root))
-            folder.remove_run()
+                    "or pass --overwrite", file=str(folder.root if storage_url is None else storage_url))
+            if storage_url is None:
+                folder.remove_run()
+            else:
+                optuna.delete_study(study_name=folder.name, storage=storage_url)
         try:
             folder.root.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=folder.root, prefix=".write-test-"):
                 pass
         except OSError as exc:
             raise ConfigError(f"cannot write the run folder: {exc.strerror or exc}", file=str(folder.root)) from None
-        atomic_write_text(folder.config, config_text)
-        storage = backend.open_rdb(folder.db)
-        study_dirs: list[Literal["minimize", "maximize"]] = [
-            "maximize" if d == "maximize" else "minimize" for d in dirs]  # dirs checked above
-        study = optuna.create_study(storage=storage, study_name=folder.name, directions=study_dirs)
-        study.set_user_attr("config_sha256", sha256_text(config_text))
-        study.set_user_attr("meta", dict(meta or {}))
-        study.set_user_attr("created_at", _dt.datetime.now().isoformat(timespec="seconds"))
-        return cls(folder, storage, study)
+        folder.remove_partial()
+        attrs = {"config_sha256": sha256_text(config_text), "meta": dict(meta or {}),
+                 "created_at": _dt.datetime.now().isoformat(timespec="seconds")}
+        if storage_url is not None:
+            attrs["config_text"] = config_text  # workers on other machines read the space from the storage
+        try:
+            atomic_write_text(folder.config, config_text)
+            url = storage_url
+            if url is None:  # build the database aside, then rename it into place
+                tmp_db = folder.root / f".study-{uuid.uuid4().hex[:8]}.creating.db"
+                url = backend.sqlite_url(tmp_db)
+            storage = backend.open_rdb(url)
+            study = optuna.create_study(storage=storage, study_name=folder.name, directions=dirs)  # type: ignore[arg-type]
+            for key, value in attrs.items():
+                study.set_user_attr(key, value)
+            if storage_url is None:
+                backend.close_rdb(storage)
+                os.replace(tmp_db, folder.db)
+        except Exception as exc:
+            if is_disk_full(exc):
+                raise ConfigError("the disk is full: cannot create the run", file=str(folder.root)) from None
+            raise
+        return cls.open(folder.root, config_text, storage_url=storage_url)
 
     @classmethod
     def open(cls, run_dir: str | os.PathLike, config_text: str | None = None, *,
-             verify_config: bool = True) -> RunStore:
+             verify_config: bool = True, storage_url: str | None = None) -> RunStore:
         """Open an existing run. Refuses when `config.yaml` was edited since the run started, or
         when `config_text` (the search space given now) differs from that snapshot."""
         folder = RunFolder(run_dir)
-        if not folder.exists():
-            raise ConfigError("no run here (study.db missing); start one with `evomerge run`", file=str(folder.root))
-        storage = backend.open_rdb(folder.db)
-        names = optuna.get_all_study_names(storage)
-        if len(names) != 1:
-            raise ConfigError(f"expected one study in the run database, found {len(names)}", file=str(folder.db))
-        study = optuna.load_study(study_name=names[0], storage=storage)
-        store = cls(folder, storage, study)
+        if storage_url is None:
+            if not folder.exists():
+                raise ConfigError("no run here (study.db missing); start one with `evomerge run`",
+                                  file=str(folder.root))
+            check_database(folder.db)
+        url = storage_url or folder.storage_url
+        try:
+            storage = backend.open_rdb(url)
+            study = optuna.load_study(study_name=folder.name, storage=storage)
+        except KeyError:
+            raise ConfigError(f"no run named '{folder.name}' in this storage", file=url) from None
+        store = cls(folder, storage, study, storage_url)
         if verify_config:
             store.verify_config(config_text)
         return store
+
+    @classmethod
+    def join(cls, storage_url: str, name: str, runs_dir: str | os.PathLike = "runs") -> RunStore:
+        """A worker joining run `name` on a database server: the search space comes from the storage
+        and is snapshotted into `runs_dir/name` on this machine."""
+        folder = RunFolder(os.path.join(runs_dir, name))
+        storage = backend.open_rdb(storage_url)
+        try:
+            study = optuna.load_study(study_name=name, storage=storage)
+        except KeyError:
+            raise ConfigError(f"no run named '{name}' in this storage", file=storage_url) from None
+        text = study.user_attrs.get("config_text")
+        if text is None:
+            raise ConfigError(f"run '{name}' does not hold its search space", file=storage_url)
+        folder.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder.config, text)
+        return cls(folder, storage, study, storage_url)
 
     def verify_config(self, config_text: str | None = None) -> None:
         recorded = self.study.user_attrs.get("config_sha256")
         path = self.folder.config
         try:
             snapshot = path.read_text(encoding="utf-8")
-        except OSError:
-            raise ConfigError("the config snapshot of this run is missing", file=str(path)) from None
+        except (OSError, UnicodeDecodeError):
+            raise ConfigError("the config snapshot of this run is missing or unreadable", file=str(path)) from None
         if recorded is not None and sha256_text(snapshot) != recorded:
             raise ConfigError("was edited after the run started (sha256 differs from the one recorded in study.db); "
                               "restore it, or start a new run with the edited search space", file=str(path))
@@ -122,8 +181,12 @@ class RunStore:
                               "snapshot or start a new run", file=str(path))
 
     def close(self) -> None:
-        self.unlock()
         backend.close_rdb(self.storage)
+
+    def backup(self, label: str) -> None:
+        """An online copy of the SQLite database into runs/NAME/backups (the newest two kept)."""
+        if self.on_sqlite:
+            backup_database(self.folder.db, self.folder.backups, label)
 
     # -- study-level attributes ---------------------------------------------------------------------
     @property
@@ -146,13 +209,6 @@ class RunStore:
         """Record run-level metadata (JSON-serializable) in the study's user attrs."""
         self.study.set_user_attr(key, value)
 
-    # -- locking ----------------------------------------------------------------------------------
-    def lock(self, exclusive: bool) -> None:
-        self._lock.acquire(exclusive)
-
-    def unlock(self) -> None:
-        self._lock.release()
-
     # -- opening and closing trials -----------------------------------------------------------------
     def use_sampler(self, sampler: optuna.samplers.BaseSampler) -> None:
         """The sampler that fills trials opened by `new_trial` (Optuna samplers propose inside a trial)."""
@@ -164,12 +220,14 @@ class RunStore:
             warnings.filterwarnings("ignore", message="Heartbeat of storage")
             return self.study.ask()
 
-    def open_trial(self, genome: np.ndarray) -> optuna.trial.Trial:
-        """A RUNNING trial that holds `genome` as its parameters (one bulk insert)."""
-        trial = self.new_trial()
-        backend.write_float_params(self.storage, backend.trial_id(trial),
-                                   {gene_name(i): float(v) for i, v in enumerate(genome)})
-        return trial
+    def enqueue(self, genome: np.ndarray, attrs: dict[str, Any]) -> int:
+        """A WAITING trial holding `genome` for any worker to pop; returns its number."""
+        return backend.enqueue(self.study, {gene_name(i): float(v) for i, v in enumerate(genome)},
+                               {"genome": [float(x) for x in genome], "status": "waiting", **attrs})
+
+    def pop_waiting(self) -> optuna.trial.Trial | None:
+        """The oldest WAITING trial, now RUNNING for this process (atomic across workers), or None."""
+        return backend.pop_waiting(self.study)
 
     def begin_trial(self, trial: optuna.trial.Trial, genome: np.ndarray, *, generation: int, gen_index: int,
                     key: str) -> None:
@@ -215,45 +273,46 @@ class RunStore:
         else:
             self.study.tell(trial, state=TrialState.FAIL)
 
-    def abort_trial(self, trial: optuna.trial.Trial | int, status: str, reason: str) -> None:
-        """Finish an unevaluated trial (cancelled by the budget, interrupted, stale) as FAIL."""
+    def abort_trial(self, trial: optuna.trial.Trial | int, status: str, reason: str) -> bool:
+        """Finish an unevaluated trial (cancelled by the budget, interrupted, stale) as FAIL; False when
+        another process finished it first."""
         tid = backend.trial_id(trial)
         try:
             backend.set_user_attrs(self.storage, tid, {"error": reason, "status": status})
-            backend.fail_trial(self.study, tid)
         except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
-            pass  # another process finished it first
+            return False
+        return backend.fail_trial(self.study, tid)
 
-    def abort_trial_number(self, number: int, status: str, reason: str) -> None:
-        self.abort_trial(backend.trial_id_of_number(self.study, number), status, reason)
+    def abort_trial_number(self, number: int, status: str, reason: str) -> bool:
+        return self.abort_trial(backend.trial_id_of_number(self.study, number), status, reason)
 
-    def fail_stale_trials(self, *, all_running: bool = False) -> list[int]:
-        """Mark trials whose worker died as FAIL with status "stale" (neither counted nor reused).
-        With `all_running` (we hold the exclusive lock, so no other worker lives) every RUNNING or
-        WAITING trial is stale; otherwise a trial is stale when its worker process on this host is
-        gone or its heartbeat is older than the grace period."""
+    def fail_stale_trials(self, *, requeue: bool = True) -> list[int]:
+        """Trials whose worker died: FAIL with status "stale" (neither counted nor reused) and, with
+        `requeue`, their candidate enqueued again for any worker. A trial is stale when its worker process
+        on this host is gone or its heartbeat is older than the grace period (workers elsewhere)."""
         heartbeat_stale = backend.stale_trials(self.storage, self.study)
         now = _dt.datetime.now()
         stale = []
-        for ft in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+        for ft in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             worker = ft.user_attrs.get("worker")
             tid = backend.trial_id(ft)
-            if all_running:
-                dead = True
-            elif ft.state == TrialState.WAITING:
-                dead = False  # enqueued by someone for evaluation
-            elif tid in heartbeat_stale:
+            if tid in heartbeat_stale:
                 dead = True
             else:
                 alive = worker_alive(worker)
                 if alive is None and worker is None and ft.datetime_start is not None:
-                    # asked but killed before it was tagged: no worker, no heartbeat
+                    # popped or asked but killed before it was tagged: no worker, no heartbeat
                     alive = (now - ft.datetime_start).total_seconds() < GRACE_SECONDS
                 dead = alive is False
-            if dead:
-                who = f"{worker.get('host')}:{worker.get('pid')}" if worker else "unknown worker"
-                self.abort_trial(tid, "stale", f"worker {who} stopped before finishing this trial")
+            if not dead:
+                continue
+            who = f"{worker.get('host')}:{worker.get('pid')}" if worker else "unknown worker"
+            if self.abort_trial(tid, "stale", f"worker {who} stopped before finishing this trial"):
                 stale.append(ft.number)
+                genome = ft.user_attrs.get("genome")
+                if requeue and genome is not None:  # only the worker that failed it enqueues it again
+                    self.enqueue(np.asarray(genome), {k: ft.user_attrs[k] for k in ("generation", "gen_index", "key")
+                                                       if k in ft.user_attrs} | {"retry_of": ft.number})
         return stale
 
     def claim(self, key: str, trial: optuna.trial.Trial) -> int:
@@ -264,13 +323,62 @@ class RunStore:
             return trial.number
         return backend.frozen_trial(self.study, owner).number
 
-    # -- optimizer state ----------------------------------------------------------------------------
-    def save_optimizer_state(self, state: dict[str, Any]) -> None:
-        payload = {"format": 2, "saved_at": _dt.datetime.now().isoformat(timespec="seconds"), "state": state}
-        backend.save_state(self.storage, OPTIMIZER_STATE, pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL))
+    # -- coordination between workers ------------------------------------------------------------
+    @contextlib.contextmanager
+    def lease(self, name: str, seconds: float = 300.0) -> Iterator[None]:
+        """Hold the run-wide lock `name` (across processes and machines) for the block."""
+        token = backend.acquire_lease(self.storage, name, seconds)
+        try:
+            yield
+        finally:
+            backend.release_lease(self.storage, name, token)
 
-    def load_optimizer_state(self) -> dict[str, Any] | None:
-        data = backend.load_state(self.storage, OPTIMIZER_STATE)
+    def register_worker(self) -> int:
+        """This process's worker slot: 0 for the first worker, then 1, 2, ...; a slot whose process on
+        this host has died is reused (so a resumed single worker is slot 0 again)."""
+        me = json.dumps(this_worker()).encode()
+        with self.lease("workers", 30):
+            slots = backend.state_keys(self.storage, "worker:")
+            for k in range(len(slots) + 1):
+                key = f"worker:{k}"
+                if key not in slots:
+                    backend.insert_state(self.storage, key, me)
+                    return k
+                if worker_alive(json.loads(slots[key])) is False:
+                    backend.replace_state(self.storage, key, slots[key], me)
+                    return k
+        raise AssertionError("unreachable")
+
+    def counts(self) -> dict[str, int]:
+        """Trials by kind: finished (ok or failed: what the budget counts), running, waiting."""
+        out = {"finished": 0, "running": 0, "waiting": 0}
+        for r in self.trials():
+            if r.finished:
+                out["finished"] += 1
+            elif r.status in ("running", "waiting"):
+                out[r.status] += 1
+        return out
+
+    def search_seconds(self, since: float | None = None, now: float | None = None) -> float:
+        """The run's search time across sessions and workers (the union of their working intervals);
+        with `since` (this worker's last tick), first add the time since then."""
+        with self.lease("clock", 30):
+            raw = backend.load_state(self.storage, "clock")
+            clock = json.loads(raw) if raw else {"used": 0.0, "stamp": 0.0}
+            if since is not None:
+                now = now if now is not None else _dt.datetime.now().timestamp()
+                clock["used"] += max(0.0, now - max(since, clock["stamp"]))
+                clock["stamp"] = max(clock["stamp"], now)
+                backend.save_state(self.storage, "clock", json.dumps(clock).encode())
+        return float(clock["used"])
+
+    # -- optimizer state ----------------------------------------------------------------------------
+    def save_optimizer_state(self, state: dict[str, Any], key: str = OPTIMIZER_STATE) -> None:
+        payload = {"format": 2, "saved_at": _dt.datetime.now().isoformat(timespec="seconds"), "state": state}
+        backend.save_state(self.storage, key, pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def load_optimizer_state(self, key: str = OPTIMIZER_STATE) -> dict[str, Any] | None:
+        data = backend.load_state(self.storage, key)
         if data is None:
             return None
         try:

@@ -124,11 +124,12 @@ def test_keyboard_interrupt_propagates_and_run_resumes(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run_search(store, make_optimizer("cmaes", 4, seed=2), interrupt_on_third, max_trials=16)
     recs = store.trials()
-    assert [r.status for r in recs] == ["ok", "ok", "interrupted"]
+    # the rest of the generation stays in the queue for the next worker
+    assert [r.status for r in recs] == ["ok", "ok", "interrupted"] + ["waiting"] * 5
     store.close()
     store = RunStore.open(tmp_path / "run", CONFIG)
     s = run_search(store, make_optimizer("cmaes", 4, seed=2), quadratic, max_trials=16)
-    assert s.finished == 16 and s.reused == 2 and s.evaluated == 14
+    assert s.finished == 16 and s.evaluated == 14  # the two finished trials were not evaluated again
 
 
 def test_identical_candidates_are_evaluated_once(tmp_path):
@@ -208,7 +209,7 @@ def test_max_trials_counts_across_resumes_and_resume_equals_uninterrupted(tmp_pa
     store.close()
     store = RunStore.open(tmp_path / "parts", CONFIG)
     s2 = run_search(store, make_optimizer("cmaes", 4, seed=7, sigma0=0.3), obj, max_trials=44)
-    assert s2.finished == 44 and s2.evaluated == 24 and s2.reused == 4
+    assert s2.finished == 44 and s2.evaluated == 24
     assert signature(store) == signature(ref)
     assert any(r.status == "failed" for r in store.trials())  # the comparison covered failures as well
     # nothing left to do: a second resume with the same budget evaluates nothing
@@ -225,16 +226,6 @@ def test_resume_refuses_an_edited_config(tmp_path):
     with pytest.raises(ConfigError, match="edited after the run started") as ei:
         RunStore.open(tmp_path / "run", None)
     assert str(cfg) in str(ei.value)
-
-
-def test_cma_run_takes_one_process(tmp_path):
-    store = new_store(tmp_path)
-    other = RunStore.open(tmp_path / "run", CONFIG)
-    other.lock(exclusive=True)
-    with pytest.raises(ConfigError, match="one worker"):
-        run_search(store, make_optimizer("cmaes", 2, seed=0), quadratic, max_trials=4)
-    other.unlock()
-    assert run_search(store, make_optimizer("cmaes", 2, seed=0), quadratic, max_trials=4).finished == 4
 
 
 def _run_script(run_dir: Path, *extra: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -272,8 +263,8 @@ def test_kill9_then_resume_loses_nothing_and_matches_uninterrupted_run(tmp_path)
 
     res = _run_script(run_dir, *args)
     assert res.returncode == 0, res.stderr
-    reused = int(res.stdout.split("reused=")[1].split()[0])
-    assert reused >= 3  # the finished part of the interrupted generation 1 was not evaluated again
+    evaluated = int(res.stdout.split("evaluated=")[1].split()[0])
+    assert evaluated == 40 - len(before)  # what finished before the kill was not evaluated again
     con = sqlite3.connect(run_dir / "study.db")
     assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     con.close()
@@ -299,7 +290,6 @@ def test_kill9_then_resume_loses_nothing_and_matches_uninterrupted_run(tmp_path)
 def test_two_tpe_workers_never_evaluate_the_same_candidate(tmp_path):
     run_dir = tmp_path / "shared"
     RunStore.create(run_dir, CONFIG, directions=["maximize"]).close()
-    # the same seed on purpose: both workers propose the same first candidates
     args = ["--optimizer", "tpe", "--seed", "5", "--max-trials", "16", "--sleep", "0.05", "--dim", "3"]
     procs = [subprocess.Popen([sys.executable, str(SCRIPT), str(run_dir), *args], cwd=REPO,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
@@ -310,9 +300,8 @@ def test_two_tpe_workers_never_evaluate_the_same_candidate(tmp_path):
     numbers = [r.number for r in recs]
     assert len(numbers) == len(set(numbers))
     finished = [r for r in recs if r.finished]
-    assert 16 <= len(finished) <= 16 + 2 * 7  # budget shared; at most a batch each in flight at the end
+    assert len(finished) == 16  # the budget is counted in the storage: never overshot
     evaluated = [r for r in finished if r.duplicate_of is None]
     assert len({r.key for r in evaluated}) == len(evaluated)  # no candidate evaluated twice
     assert {r.worker["pid"] for r in finished} == {p.pid for p in procs}  # both workers worked
-    assert any(r.duplicate_of is not None for r in finished)  # and the same-seed clash did happen
     assert not any(r.status == "running" for r in recs)

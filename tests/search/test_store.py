@@ -125,7 +125,10 @@ def test_trials_of_a_dead_worker_become_stale(tmp_path):
     recs = store.trials()
     assert recs[0].status == "running" and recs[1].status == "stale" and "stopped" in recs[1].error
     assert store.count_finished() == 0  # stale trials are not counted
-    assert store.fail_stale_trials(all_running=True) == [mine.number]  # under the exclusive lock
+    retry = store.trials()[-1]  # its candidate is back in the queue for any worker
+    assert retry.status == "waiting" and np.array_equal(retry.genome, [0.6]) and retry.number == dead.number + 1
+    assert store.fail_stale_trials() == []  # failed and requeued once, not at every check
+    assert store.pop_waiting().number == retry.number and mine.number == 0
 
 
 def test_claims_give_each_key_one_owner(tmp_path):

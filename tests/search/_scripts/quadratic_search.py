@@ -52,10 +52,11 @@ def main() -> int:
         store = RunStore.open(args.run_dir, CONFIG)
     else:
         store = RunStore.create(args.run_dir, CONFIG, directions=["maximize"], meta={"test": "quadratic"})
-    opt = make_optimizer(args.optimizer, args.dim, seed=args.seed, sigma0=args.sigma0)
-    summary = run_search(store, opt, objective_factory(args.sleep), max_trials=args.max_trials)
+    slot = store.register_worker()
+    opt = make_optimizer(args.optimizer, args.dim, seed=args.seed, sigma0=args.sigma0, slot=slot)
+    summary = run_search(store, opt, objective_factory(args.sleep), max_trials=args.max_trials, slot=slot)
     print(f"done {summary.stop_reason} finished={summary.finished} evaluated={summary.evaluated} "
-          f"reused={summary.reused} stale={summary.stale}", flush=True)
+          f"worker={summary.worker} idle={summary.idle_seconds:.2f} stale={summary.stale}", flush=True)
     store.close()
     return 0
 
