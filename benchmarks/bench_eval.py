@@ -125,6 +125,7 @@ def bench_protocol(shots: int, args, model, tok, d: Path, names: list[str], n: i
     from evomerge.evaluate.spec import TaskSpec
 
     spec = TaskSpec(name="kmmlu", kind="kmmlu", path=str(d / "all.jsonl"), num_fewshot=shots,
+                    fewshot_order="file",  # lm-eval's first_n sampler below takes the dev shots in file order
                     fewshot_path=str(d / "dev.jsonl") if shots else None)
     t = time.perf_counter()
     ev = Evaluator([spec], tok, split="all", device=args.device, batch_tokens=args.batch_tokens)

@@ -6,6 +6,7 @@ Model references may be paths relative to the YAML file, Hugging Face ids, or GG
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal, Union
 
@@ -13,10 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from evomerge.dtypes import DTYPES
 from evomerge.envvars import expand
-from evomerge.errors import ConfigError
 from evomerge.evaluate.spec import TaskSpec
 from evomerge.merge.registry import METHODS
-from evomerge.yamlio import load_mapping, validate
+from evomerge.yamlio import KeyedValueError, load_mapping, read_text, validate
 
 SEARCH_METHODS = tuple(name for name, spec in METHODS.items() if spec.searchable)
 OPTIMIZERS = ("cmaes", "optuna-cmaes", "tpe", "nsga2", "random")
@@ -62,8 +62,15 @@ class StackingConfig(BaseModel):
     max_length: int | None = Field(default=None, ge=2)
     scale_range: tuple[float, float] = (0.5, 1.5)
     drop: int | None = Field(default=None, ge=1)  # DUS: fixed number of layers dropped (None: searched)
-    use_ps_result: bool = False  # PS+DFS: the first stacking source is the parameter-space merge result
-    ps_recipe: str | None = None  # PS+DFS: the recipe (path) of the parameter-space merge
+    ps_recipe: str | None = None  # PS+DFS: the recipe (path) of the parameter-space merge, stacking source 0
+
+    @field_validator("scale_range")
+    @classmethod
+    def _scales(cls, v: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = v
+        if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi):
+            raise ValueError(f"scale_range must be [low, high] with 0 < low <= high, got {list(v)}")
+        return v
 
 
 class OptimizerSpec(BaseModel):
@@ -84,14 +91,29 @@ class OptimizerSpec(BaseModel):
 class Budget(BaseModel):
     model_config = ConfigDict(extra="forbid")
     trials: int = 100
-    seconds: float | None = None
+    seconds: float | None = None  # wall-clock limit of the search; null: none
 
     @field_validator("trials")
     @classmethod
     def _positive(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError(f"the trial budget must be at least 1, got {v}")
-        return v
+        return check_trials(v)
+
+    @field_validator("seconds")
+    @classmethod
+    def _positive_seconds(cls, v: float | None) -> float | None:
+        return check_seconds(v)
+
+
+def check_trials(v: int) -> int:
+    if v < 1:
+        raise ValueError(f"the trial budget must be at least 1, got {v}")
+    return v
+
+
+def check_seconds(v: float | None) -> float | None:
+    if v is not None and not (math.isfinite(v) and v > 0):
+        raise ValueError(f"the time budget must be a number of seconds > 0, or null for none; got {v}")
+    return v
 
 
 class HeldOut(BaseModel):
@@ -139,25 +161,40 @@ class SearchConfig(BaseModel):
         names = set(self.models)
         for key, ref in (("base_model", self.base_model),):
             if ref is not None and ref not in names:
-                raise ValueError(f"{key} '{ref}' is not one of models: {sorted(names)}")
+                raise KeyedValueError(f"'{ref}' is not one of models: {sorted(names)}", key)
         if self.merge_method is not None and self.merge_method not in SEARCH_METHODS:
-            raise ValueError(f"unknown merge_method '{self.merge_method}' (allowed: {', '.join(SEARCH_METHODS)})")
+            raise KeyedValueError(f"unknown merge_method '{self.merge_method}' (allowed: {', '.join(SEARCH_METHODS)})",
+                                  "merge_method")
         if self.merge_method is None and self.stacking is None:
-            raise ValueError("give a merge_method (parameter space), a stacking section (data-flow space), or both")
+            raise KeyedValueError("give a merge_method (parameter space), a stacking section (data-flow space), "
+                                  "or both", "merge_method")
         for m in self.evolve_models or []:
             if m not in names:
-                raise ValueError(f"evolve_models: '{m}' is not one of models: {sorted(names)}")
+                raise KeyedValueError(f"'{m}' is not one of models: {sorted(names)}", "evolve_models")
         if self.chat_vector:
             for role in ("target", "chat"):
                 if getattr(self.chat_vector, role) not in names:
-                    raise ValueError(f"chat_vector.{role} '{getattr(self.chat_vector, role)}' is not one of models")
+                    raise KeyedValueError(f"'{getattr(self.chat_vector, role)}' is not one of models: "
+                                          f"{sorted(names)}", f"chat_vector.{role}")
             if not self.base_model:
-                raise ValueError("chat_vector needs base_model (the model the chat delta is taken from)")
+                raise KeyedValueError("chat_vector needs base_model (the model the chat delta is taken from)",
+                                      "base_model")
         if self.objectives == "vector" and self.optimizer.name == "cmaes":
-            raise ValueError("several objectives need a multi-objective optimizer "
-                             "(optimizer.name: nsga2, tpe or random)")
+            raise KeyedValueError("several objectives need a multi-objective optimizer "
+                                  "(optimizer.name: nsga2, tpe or random)", "optimizer.name")
         if not self.tasks:
-            raise ValueError("at least one task is needed")
+            raise KeyedValueError("at least one task is needed", "tasks")
+        task_names = [t.name for t in self.tasks]
+        dup = next((n for n in task_names if task_names.count(n) > 1), None)
+        if dup is not None:
+            raise KeyedValueError(f"two tasks are named '{dup}'; task names must be unique", "tasks")
+        if self.stacking is not None:
+            named = [("models", m) for m in self.stacking.models]
+            if self.stacking.target is not None:
+                named.append(("target", self.stacking.target))
+            for where, m in named:
+                if m not in names:
+                    raise KeyedValueError(f"'{m}' is not one of models: {sorted(names)}", f"stacking.{where}")
         return self
 
     def resolved_models(self, base_dir: Path) -> dict[str, str]:
@@ -171,18 +208,20 @@ class SearchConfig(BaseModel):
         return out
 
 
+# keys that spaces written for older versions may still set: why they are gone
+REMOVED_KEYS = {"use_ps_result": "removed: give the parameter-space merge as stacking.ps_recipe, "
+                                 "which becomes stacking source 0"}
+
+
 def load_search_space(path: str | Path) -> tuple[SearchConfig, str]:
     """Parse and validate a search-space file; returns the space and its text (snapshotted into the run)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError("search-space file not found", file=str(path))
-    text = path.read_text()
+    text = read_text(path, what="search-space file")
     return parse_search_space(text, source=str(path)), text
 
 
 def parse_search_space(text: str, *, source: str) -> SearchConfig:
     data = load_mapping(text, source=source, what="a search space")
-    return _expand_paths(validate(SearchConfig, data, source=source))
+    return _expand_paths(validate(SearchConfig, data, source=source, hints=REMOVED_KEYS))
 
 
 def _expand_paths(space: SearchConfig) -> SearchConfig:

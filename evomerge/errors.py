@@ -23,8 +23,7 @@ class EvomergeError(Exception):
         msg = f"{head}: {self.detail}" if head else self.detail
         if self.allowed:
             msg += f" (allowed: {self.allowed})"
-        return msg
-
+        return " ".join(msg.split()) if "\n" in msg else msg  # one line, whatever a library put in the detail
 
     def located(self, file: str, key: str | None = None) -> "EvomergeError":
         """The same error with the file (and a default key) filled in where it was missing."""

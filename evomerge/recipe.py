@@ -105,6 +105,12 @@ class Recipe(BaseModel):
             raise ValueError("exactly one of 'models' or 'slices' must be given")
         return self
 
+    @field_validator("chat_template")
+    @classmethod
+    def _chat_template(cls, v: str | None) -> str | None:
+        expand_chat_template(v)  # an unknown name that is not a Jinja template fails here, naming the key
+        return v
+
     @field_validator("dtype", "out_dtype")
     @classmethod
     def _dtype(cls, v: str | None) -> str | None:
@@ -191,6 +197,34 @@ class Recipe(BaseModel):
             data["evomerge"]["target_model"] = fix(data["evomerge"].get("target_model"))
         return type(self).model_validate(data)
 
+
+
+CHAT_TEMPLATE_DIR = Path(__file__).parent / "data" / "chat_templates"
+"""mergekit 0.1.5's named chat templates (``mergekit/_data/chat_templates``), copied verbatim."""
+
+
+def chat_template_names() -> list[str]:
+    return sorted(p.stem for p in CHAT_TEMPLATE_DIR.glob("*.jinja"))
+
+
+def expand_chat_template(value: str | None) -> str | None:
+    """The Jinja text a recipe's `chat_template` stands for, read as mergekit 0.1.5 reads it.
+
+    None or empty: no template. 'auto': returned as is (the plurality template of the models' tokenizers,
+    chosen when the tokenizers are open). A short single-line value without '{' naming one of mergekit's
+    templates (chatml, llama3, ...): that template's text. Otherwise a value shorter than 20 characters or
+    without '{' is an unknown name (ValueError); anything else is a Jinja template, used verbatim.
+    """
+    if not value or value == "auto":
+        return value or None
+    if len(value) < 256 and "\n" not in value and "{" not in value and "/" not in value and "\\" not in value:
+        path = CHAT_TEMPLATE_DIR / f"{value}.jinja"
+        if path.is_file():
+            return path.read_text(encoding="utf-8")
+    if len(value) < 20 or "{" not in value:
+        raise ValueError(f"unknown chat template '{value}': not one of mergekit's names "
+                         f"({', '.join(chat_template_names())}, auto) and not a Jinja template")
+    return value
 
 
 class _RecipeDumper(yaml.SafeDumper):

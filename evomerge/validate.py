@@ -1,39 +1,21 @@
-"""Check a search space without loading weights: schema, method parameters and ranges, tasks, local paths."""
+"""`evomerge validate`: exactly the preflight a run makes before it writes anything (see
+evomerge/workflow/preflight.py): schema, model configs and compatibility, method parameters and ranges, the
+genome, every task's data and splits, recipes, budget; no weights loaded."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from evomerge.config import load_search_space
-from evomerge.errors import ConfigError
+from evomerge.workflow.preflight import Preflight, preflight
 
 
-def _looks_local(ref: str) -> bool:
-    return ref.startswith((".", "/", "~")) or ref.endswith(".gguf")
+def check_space(path: str | Path) -> Preflight:
+    """Parse the search space at `path` and run the preflight on it; one-line errors naming file and key."""
+    config, _ = load_search_space(path)
+    return preflight(config, str(path), Path(path).resolve().parent)
 
 
 def validate_space(path: str | Path) -> str:
-    """Raise ConfigError on the first problem; return a one-line summary."""
-    from evomerge.spaces.parameter import ParameterSpace
-
-    space, _ = load_search_space(path)
-    base_dir = Path(path).resolve().parent
-    for name, ref in space.models.items():
-        if (_looks_local(ref) and not (base_dir / Path(ref).expanduser()).exists()
-                and not Path(ref).expanduser().exists()):
-            raise ConfigError(f"model path '{ref}' does not exist", file=str(path), key=f"models.{name}")
-    for i, task in enumerate(space.tasks):
-        if task.path and not (base_dir / task.path).exists() and not Path(task.path).exists():
-            if not task.path.startswith("evomerge:"):
-                raise ConfigError(f"task file '{task.path}' does not exist", file=str(path), key=f"tasks.{i}.path")
-    refs = {n: n for n in space.models}
-    per_layer = 0
-    if space.merge_method is not None or space.chat_vector:
-        ps = ParameterSpace(space, refs, num_layers=1, source=str(path))
-        per_layer = ps.dim
-    parts = [f"{len(space.models)} models", f"{space.merge_method or 'stacking'}",
-             f"{per_layer} genes per layer group", f"{len(space.tasks)} tasks", f"optimizer {space.optimizer.name}",
-             f"{space.budget.trials} trials"]
-    if space.stacking is not None:
-        parts.append(f"stacking {space.stacking.mode}")
-    return ", ".join(parts)
+    """Raise on the first problem; return the readable summary (several lines)."""
+    return check_space(path).summary()

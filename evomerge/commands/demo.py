@@ -6,14 +6,16 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="build a tiny model zoo (once), evolve a merge, print the held-out table")
+    p = sub.add_parser("demo", help="build a tiny model zoo (once), evolve a merge, print the held-out table",
+                       description="Offline on CPU: build a tiny model zoo (cached), evolve a TIES recipe and print "
+                                   "the held-out table of parents, hand-made merges and the evolved recipe.")
     p.add_argument("--zoo-dir", help="where the zoo is built and cached (default ~/.cache/evomerge/zoo)")
     p.add_argument("--run-dir", default="runs/demo", help="run folder (default runs/demo)")
     p.add_argument("--seed", type=int, default=0, help="zoo seed")
     p.add_argument("--trials", type=int, help="override the preset's trial budget")
     p.add_argument("--space", help="another search space to run on the zoo (default search_spaces/demo.yaml)")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=run)
+    p.add_argument("--quiet", action="store_true", help="no live progress")
+    p.set_defaults(func=run, input_arg="space")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -15,17 +15,19 @@ from evomerge.errors import ConfigError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="score a model on benchmark tasks (KMMLU, MCQ, generation, lm-eval, custom)")
+    p = sub.add_parser("eval", help="score a model on benchmark tasks (KMMLU, MCQ, generation, lm-eval, custom)",
+                       description="Score a model folder, hub id or GGUF file on task files, task YAMLs or inline "
+                                   "specs, and print a table of metrics.")
     p.add_argument("model", help="HF folder, hub id, or .gguf file")
     p.add_argument("tasks", nargs="+", help="task data file, task YAML, or inline spec 'kind=..,path=..'")
     p.add_argument("--split", choices=["search", "heldout", "all"], default="all", help="which subset to score")
     p.add_argument("--n", type=int, default=None, help="score a seeded, stratified subset of N items per task")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype the model is scored in")
     p.add_argument("--batch-tokens", type=int, default=8192, help="token budget per forward batch")
     p.add_argument("--chat-template", action="store_true", help="wrap prompts in the tokenizer's chat template")
     p.add_argument("--json", dest="json_out", default=None, help="also write metrics and split ids to this JSON file")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, input_arg="model")
 
 
 def _guess_kind(path: Path) -> str:
@@ -59,15 +61,23 @@ def parse_task_args(tasks: list[str], *, n: int | None, chat: bool) -> tuple[lis
     from pydantic import ValidationError
 
     from evomerge.evaluate.spec import TaskSpec
+    from evomerge.yamlio import one_line, read_text, validation_error
 
     raw: list[dict] = []
     base_dir = None
     for arg in tasks:
         p = Path(arg)
         if p.suffix.lower() in (".yaml", ".yml") and p.is_file():
-            doc = yaml.safe_load(p.read_text(encoding="utf-8"))
+            try:
+                doc = yaml.safe_load(read_text(p, what="task YAML"))
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"malformed YAML: {one_line(getattr(exc, 'problem', None) or exc)}",
+                                  file=str(p)) from None
             entries = doc.get("tasks", doc) if isinstance(doc, dict) else doc
             entries = entries if isinstance(entries, list) else [entries]
+            if not all(isinstance(e, dict) for e in entries):
+                raise ConfigError("a task YAML holds one task spec (a mapping) or a `tasks:` list of them",
+                                  file=str(p), key="tasks")
             raw.extend(dict(e, _src=str(p)) for e in entries)
             base_dir = p.parent
         elif p.is_file():
@@ -88,9 +98,7 @@ def parse_task_args(tasks: list[str], *, n: int | None, chat: bool) -> tuple[lis
         try:
             specs.append(TaskSpec(**entry))
         except ValidationError as exc:
-            err = exc.errors()[0]
-            key = ".".join(str(x) for x in err.get("loc", ())) or None
-            raise ConfigError(err["msg"], file=src, key=key) from None
+            raise validation_error(exc, src) from None
     return specs, base_dir
 
 

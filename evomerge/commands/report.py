@@ -6,9 +6,11 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="write plots and report.md for a run folder")
-    p.add_argument("run_dir")
-    p.set_defaults(func=run)
+    p = sub.add_parser("report", help="write plots and report.md for a run folder",
+                       description="Write report.md and the plots (fitness per trial and generation, per-layer "
+                                   "parameter heatmap) of a run, finished or not.")
+    p.add_argument("run_dir", help="the run folder (runs/NAME)")
+    p.set_defaults(func=run, input_arg="run_dir")
 
 
 def run(args: argparse.Namespace) -> int:

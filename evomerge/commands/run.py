@@ -6,13 +6,15 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="evolve a merge recipe from a search-space YAML")
+    p = sub.add_parser("run", help="evolve a merge recipe from a search-space YAML",
+                       description="Check the search space (as `evomerge validate`), then evolve a merge recipe; "
+                                   "leaves runs/NAME/ with best.yaml, the held-out table and a report.")
     p.add_argument("space", help="search-space YAML (see search_spaces/)")
     p.add_argument("--run-dir", help="run folder (default: the space's run_dir or runs/<name>)")
     p.add_argument("--trials", type=int, help="override the trial budget")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in the run folder")
     p.add_argument("--quiet", action="store_true", help="no live progress")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, input_arg="space")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -28,7 +28,8 @@ class EvalResult:
     per_item: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> item id -> details
 
     def to_dict(self) -> dict:
-        return {"metrics": self.metrics, "objectives": self.objectives, "fitness": self.fitness, "seconds": self.seconds}
+        return {"metrics": self.metrics, "objectives": self.objectives, "fitness": self.fitness,
+                "seconds": self.seconds}
 
 
 class Evaluator:

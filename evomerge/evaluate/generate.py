@@ -145,8 +145,8 @@ class GenPlan:
                 last = last + 1
                 out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last,
                             past_key_values=out.past_key_values, use_cache=True)
-            lens = lens.clamp(max=steps).tolist()
-            texts = self.tokenizer.batch_decode([g[:n] for g, n in zip(gen.tolist(), lens)], skip_special_tokens=True)
+            kept = lens.clamp(max=steps).tolist()
+            texts = self.tokenizer.batch_decode([g[:n] for g, n in zip(gen.tolist(), kept)], skip_special_tokens=True)
             for j, t in zip(idx, texts):
                 outputs[j] = cut_at_stop(t, self.stop)
         return outputs

@@ -103,7 +103,10 @@ class _OnlyAt:
     is position-wise and the head runs at scored positions; KV caches hold each layer's attention inputs)."""
 
     def __init__(self, mlp: torch.nn.Module | None):
-        self.mlp, self.handles, self.where, self.shape = mlp, [], None, None
+        self.mlp = mlp
+        self.handles: list = []
+        self.where: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.shape: torch.Size | None = None
         if mlp is not None:
             self.handles = [mlp.register_forward_pre_hook(self._pre, with_kwargs=True),
                             mlp.register_forward_hook(self._post, with_kwargs=True)]
@@ -137,9 +140,9 @@ class LoglikPlan:
     fraction of padding tokens in a batch (default 0.03 on CPU, 0.25 elsewhere).
     """
 
-    def __init__(self, groups: list[tuple[list[int], list[list[int]]]], *, pad_id: int, device: str | torch.device = "cpu",
-                 batch_tokens: int = 16384, max_length: int | None = None, source: str = "",
-                 keys: list | None = None, share_prefix: bool = True, min_prefix: int = 16,
+    def __init__(self, groups: list[tuple[list[int], list[list[int]]]], *, pad_id: int,
+                 device: str | torch.device = "cpu", batch_tokens: int = 16384, max_length: int | None = None,
+                 source: str = "", keys: list | None = None, share_prefix: bool = True, min_prefix: int = 16,
                  max_padding: float | None = None):
         self.n_answers = sum(len(c) for _, c in groups)
         self.device = torch.device(device)
@@ -178,7 +181,8 @@ class LoglikPlan:
         by_key: dict = {}
         for r in rows:
             by_key.setdefault(r[3], []).append(r)
-        flat, shared = [], []
+        flat: list = []
+        shared: list = []
         for members in by_key.values():
             p = 0
             if share_prefix and len(members) > 1:
@@ -217,7 +221,11 @@ class LoglikPlan:
 
     def _make_batch(self, chunk, length: int, pad_id: int, prefix=None) -> _Batch:
         ids = torch.full((len(chunk), length), pad_id, dtype=torch.long)
-        row_idx, pos_idx, read_pos, read_tok, read_ans = [], [], [], [], []
+        row_idx: list[int] = []
+        pos_idx: list[int] = []
+        read_pos: list[int] = []
+        read_tok: list[int] = []
+        read_ans: list[int] = []
         for b, (inp, pos, reads) in enumerate(chunk):
             ids[b, : len(inp)] = torch.tensor(inp, dtype=torch.long)
             base = len(row_idx)
@@ -237,7 +245,7 @@ class LoglikPlan:
 
         body, head = model_parts(model)
         out = torch.zeros(self.n_answers, dtype=torch.float64, device=self.device)
-        prefix_cache = {}  # one forward per distinct prefix (batches of one prefix are consecutive)
+        prefix_cache: dict = {}  # one forward per distinct prefix (batches of one prefix are consecutive)
         only = _OnlyAt(last_mlp(model) if body is not None and self.trim_last_mlp else None)
         nowhere = (torch.zeros(0, dtype=torch.long, device=self.device),) * 2
         try:

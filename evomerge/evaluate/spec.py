@@ -25,6 +25,10 @@ DEFAULT_METRIC: dict[str, str] = {
 }
 
 
+def _looks_like_file(path: str | None) -> bool:
+    return bool(path) and str(path).lower().endswith((".csv", ".jsonl", ".ndjson", ".json"))
+
+
 class TaskSpec(BaseModel):
     """One task: where its data lives, which subset to score, and how it counts toward fitness."""
 
@@ -49,6 +53,11 @@ class TaskSpec(BaseModel):
     # prompting
     num_fewshot: int = Field(default=0, ge=0)
     fewshot_path: str | None = None
+    # "lm_eval": the dev items (same subject / category) and order lm-eval's default sampler draws, seeded with
+    # fewshot_seed (simple_evaluate's fewshot_random_seed); "file": the first num_fewshot dev items of the item's
+    # category in file order, topped up from the other categories
+    fewshot_order: Literal["lm_eval", "file"] = "lm_eval"
+    fewshot_seed: int = 1234
     chat_template: bool = False
     target_delimiter: str = " "
     # generation
@@ -64,13 +73,16 @@ class TaskSpec(BaseModel):
     def _check_kind_fields(self) -> "TaskSpec":
         if self.kind in ("kmmlu", "mcq", "generation"):
             if not self.path and not self.dataset:
-                raise ValueError(f"task '{self.name}' (kind {self.kind}) needs `path` (local file) or `dataset` (HF id)")
+                raise ValueError(f"task '{self.name}' (kind {self.kind}) needs `path` (local file) "
+                                 "or `dataset` (HF id)")
             if self.path and self.dataset:
                 raise ValueError(f"task '{self.name}': give either `path` or `dataset`, not both")
-            if self.num_fewshot and not self.fewshot_path and not self.dataset:
-                raise ValueError(f"task '{self.name}': num_fewshot={self.num_fewshot} needs `fewshot_path` (a dev split)")
+            if self.num_fewshot and not self.fewshot_path and not self.dataset and _looks_like_file(self.path):
+                raise ValueError(f"task '{self.name}': num_fewshot={self.num_fewshot} needs `fewshot_path` "
+                                 "(a dev split) or a KMMLU folder as `path` (its {Subject}-dev.csv files)")
         if self.kind == "lm_eval" and not (self.lm_eval_task or self.lm_eval_yaml):
-            raise ValueError(f"task '{self.name}' (kind lm_eval) needs `lm_eval_task` (a name) or `lm_eval_yaml` (a file)")
+            raise ValueError(f"task '{self.name}' (kind lm_eval) needs `lm_eval_task` (a name) "
+                             "or `lm_eval_yaml` (a file)")
         if self.kind == "custom" and (not self.function or ":" not in self.function):
             raise ValueError(f"task '{self.name}' (kind custom) needs `function: module:function`")
         if self.answer_regex is not None:

@@ -6,12 +6,14 @@ half-written output behind.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import tempfile
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from safetensors.torch import save_file
@@ -19,7 +21,8 @@ from safetensors.torch import save_file
 from evomerge.dtypes import DTYPES
 from evomerge.errors import ConfigError, EvomergeError, ModelLoadError
 from evomerge.merge.plan import output_config
-from evomerge.recipe import Recipe
+from evomerge.models.sources import WeightSource, open_model
+from evomerge.recipe import Recipe, expand_chat_template
 
 
 def parse_size(size: str | int) -> int:
@@ -146,16 +149,67 @@ def materialize(
     if recipe.tokenizer_source == "union":
         raise ConfigError("tokenizer_source 'union' is not supported by evomerge", file=recipe_source,
                           key="tokenizer_source", allowed="base or a model name")
-    # Open and plan everything before creating any output folder.
-    session = MergeSession.open(recipe, device=device, source=recipe_source, trust_remote_code=trust_remote_code)
+    # Open and plan everything (the tokenizer asked for and the chat template too) before creating any output folder.
+    asked = _open_tokenizer_source(recipe, recipe_source, trust_remote_code)
+    session = MergeSession.open(recipe, device=device, source=recipe_source, trust_remote_code=trust_remote_code,
+                                sources=asked)
     try:
-        _write_folder(recipe, session, out_dir, out_dtype, shard_size, copy_tokenizer, overwrite, progress)
+        template = chat_template(recipe, session.source)
+        _write_folder(recipe, session, out_dir, out_dtype, shard_size, copy_tokenizer, overwrite, progress, template)
     except EvomergeError as exc:
         raise exc.located(recipe_source) from None
     return out_dir
 
 
-def _write_folder(recipe, session, out_dir, out_dtype, shard_size, copy_tokenizer, overwrite, progress) -> None:
+def tokenizer_ref(recipe: Recipe) -> str | None:
+    """The model whose tokenizer the recipe asks for with `tokenizer_source` ('base': the base model), else None."""
+    if not recipe.tokenizer_source:
+        return None
+    if recipe.tokenizer_source == "base":
+        return recipe.base_model or recipe.target_model()
+    return recipe.tokenizer_source
+
+
+def _open_tokenizer_source(recipe: Recipe, source: str, trust_remote_code: bool) -> dict[str, WeightSource]:
+    """The `tokenizer_source` model, opened; a missing model or one without tokenizer files is a one-line error.
+
+    mergekit fails then too (its tokenizer step cannot load the tokenizer); without the check the merge would
+    be written with no tokenizer at all.
+    """
+    ref = tokenizer_ref(recipe)
+    if ref is None:
+        return {}
+    try:
+        src = open_model(ref, trust_remote_code=trust_remote_code)
+    except EvomergeError as exc:
+        raise ConfigError(f"the tokenizer's model cannot be opened: {exc.detail}", file=source,
+                          key="tokenizer_source", allowed="base, or a model with tokenizer files") from None
+    if src.tokenizer() is None:
+        raise ConfigError(f"model '{ref}' has no tokenizer files, so the merge would have no tokenizer",
+                          file=source, key="tokenizer_source",
+                          allowed="base, or a model with tokenizer files (tokenizer.json, tokenizer.model, ...)")
+    return {ref: src}
+
+
+def chat_template(recipe: Recipe, source_of: Callable[[str], WeightSource]) -> str | None:
+    """The chat template text to write, as mergekit 0.1.5 chooses it (see `recipe.expand_chat_template`);
+    'auto': the template most of the recipe's models' tokenizers carry (none: keep the tokenizer's own)."""
+    value = expand_chat_template(recipe.chat_template)
+    if value != "auto":
+        return value
+    templates = []
+    for ref in recipe.referenced_models():
+        tok = source_of(ref).tokenizer()
+        template = getattr(tok, "chat_template", None) if tok is not None else None
+        if isinstance(template, dict):
+            template = template.get("default")
+        if template:
+            templates.append(template.strip())
+    return Counter(templates).most_common(1)[0][0] if templates else None
+
+
+def _write_folder(recipe, session, out_dir, out_dtype, shard_size, copy_tokenizer, overwrite, progress,
+                  template) -> None:
     plan = session.plan
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         writer = ShardWriter(tmp, parse_size(shard_size))
@@ -175,15 +229,11 @@ def _write_folder(recipe, session, out_dir, out_dtype, shard_size, copy_tokenize
         if gen_cfg is not None:
             gen_cfg.save_pretrained(tmp)
         if copy_tokenizer:
-            tokenizer_ref = plan.target
-            if recipe.tokenizer_source == "base" and recipe.base_model:
-                tokenizer_ref = recipe.base_model
-            elif recipe.tokenizer_source:
-                tokenizer_ref = recipe.tokenizer_source
-            tok = session.source(tokenizer_ref).tokenizer()
+            tok = session.source(tokenizer_ref(recipe) or plan.target).tokenizer()
             if tok is not None:
-                if recipe.chat_template:
-                    tok.chat_template = recipe.chat_template
+                if template is not None:  # on a copy: the source's tokenizer may be shared (a search's target)
+                    tok = copy.deepcopy(tok)
+                    tok.chat_template = template
                 tok.save_pretrained(tmp)
         recipe.save(tmp / "evomerge_recipe.yaml")
         (tmp / "README.md").write_text(model_card(recipe, files))

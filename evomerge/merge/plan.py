@@ -101,14 +101,14 @@ def build_plan(recipe: Recipe, layouts: Mapping[str, ModelLayout], *, source: st
                     f"layer_range {list(src.layer_range)} is out of bounds for '{src.model}'",
                     file=source, key=key, allowed=f"0 <= start < end <= {n}",
                 )
-        n_models = len(sl.sources) - (1 if spec.needs_base and (sl.base_model or recipe.base_model) else 0)
+        n_models = len(sl.sources) - (1 if spec.uses_base and (sl.base_model or recipe.base_model) else 0)
         if spec.max_models is not None and n_models > spec.max_models:
             raise ConfigError(f"'{method}' takes at most {spec.max_models} model(s) per slice, got {n_models}",
                               file=source, key=f"slices.{si}.sources" if recipe.slices else "models")
 
     def base_index(sl: OutputSlice) -> int | None:
         base = sl.base_model or recipe.base_model
-        if not spec.needs_base or base is None:
+        if not spec.uses_base or base is None:  # 'unused': a base given is merged as one more model (mergekit)
             return None
         models = [s.model for s in sl.sources]
         if base not in models:

@@ -1,6 +1,7 @@
-"""What each merge method takes (mergekit names, defaults and allowed ranges) and
-``merge_tensor``, the single entry point that validates resolved parameters and
-calls the pure function in ``methods``.
+"""The one table of merge methods (``METHODS``: mergekit 0.1.5's whole list, with mergekit's names,
+defaults and base policies, evomerge's allowed ranges and ``searchable`` flag) and ``merge_tensor``,
+the single entry point that validates resolved parameters and calls the pure functions in
+``methods``, ``methods_spherical`` and ``methods_selective``.
 
 ``params`` given to ``merge_tensor`` are already resolved for one tensor (the
 recipe engine applies gradients, filters and slices first): global parameters as
@@ -8,124 +9,27 @@ scalars, per-model parameters as lists aligned with ``tensors`` (a scalar is
 broadcast to every model, as mergekit does). Missing parameters take mergekit's
 defaults; a missing required one, an unknown key, or a value out of range raises
 ``ConfigError`` naming the key and the allowed values (the caller adds the file).
+
+mergekit declares types, not ranges: the bounds here are the values where a parameter means something.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
 from evomerge.errors import ConfigError
 from evomerge.merge import methods
+from evomerge.merge import methods_selective as selective
+from evomerge.merge import methods_spherical as spherical
+from evomerge.merge.specs import REQUIRED, MethodSpec, ParamSpec
 
 __all__ = ["ParamSpec", "MethodSpec", "METHODS", "merge_tensor", "resolve_params", "REQUIRED"]
 
-
-class _Required:
-    def __repr__(self) -> str:
-        return "REQUIRED"
-
-
-REQUIRED: Any = _Required()
 _INF = math.inf
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    """One parameter: its mergekit name, type, default and allowed interval."""
-
-    name: str
-    kind: type = float  # float or bool
-    default: Any = REQUIRED
-    low: float = -_INF
-    high: float = _INF
-    low_open: bool = False
-    high_open: bool = False
-    per_model: bool = False
-    doc: str = ""
-
-    @property
-    def required(self) -> bool:
-        return self.default is REQUIRED
-
-    @property
-    def allowed(self) -> str:
-        if self.kind is bool:
-            return "true or false"
-        if self.low == -_INF and self.high == _INF:
-            return "any finite number"
-        lo = "(" if self.low_open or self.low == -_INF else "["
-        hi = ")" if self.high_open or self.high == _INF else "]"
-        return f"{lo}{_fmt(self.low)}, {_fmt(self.high)}{hi}"
-
-    def check(self, value: Any, where: str = "") -> Any:
-        """Return the value as ``kind`` or raise ConfigError naming key and range."""
-        if self.kind is bool:
-            if isinstance(value, bool):
-                return value
-            raise ConfigError(f"{where}{value!r} is not a boolean", key=self.name, allowed=self.allowed)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            if isinstance(value, torch.Tensor) and value.numel() == 1:
-                value = value.item()
-            else:
-                raise ConfigError(f"{where}{value!r} is not a number", key=self.name, allowed=self.allowed)
-        value = float(value)
-        if not math.isfinite(value):
-            raise ConfigError(f"{where}{value} is not finite", key=self.name, allowed=self.allowed)
-        too_low = value <= self.low if self.low_open else value < self.low
-        too_high = value >= self.high if self.high_open else value > self.high
-        if too_low or too_high:
-            raise ConfigError(f"{where}{_fmt(value)} is out of range", key=self.name, allowed=self.allowed)
-        return value
-
-
-def _fmt(x: float) -> str:
-    if x in (-_INF, _INF):
-        return "-inf" if x < 0 else "inf"
-    return f"{x:g}"
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """A merge method as mergekit defines it.
-
-    ``base``: 'required' (task-vector methods, slerp, model_stock), 'optional'
-    (nuslerp) or 'unused' (linear, passthrough: a base given is ignored).
-    ``min_models``/``max_models`` count the non-base models. ``random``: the result
-    depends on the generator (DARE, DELLA).
-    """
-
-    name: str
-    base: str
-    params: tuple[ParamSpec, ...]
-    min_models: int = 1
-    max_models: Optional[int] = None
-    random: bool = False
-    searchable: bool = True  # a search space may evolve its parameters (see evomerge/spaces/parameter.py)
-    doc: str = ""
-    fn: Optional[Callable[..., torch.Tensor]] = field(default=None, repr=False, compare=False)
-
-    @property
-    def per_model_params(self) -> dict[str, ParamSpec]:
-        return {p.name: p for p in self.params if p.per_model}
-
-    @property
-    def global_params(self) -> dict[str, ParamSpec]:
-        return {p.name: p for p in self.params if not p.per_model}
-
-    @property
-    def needs_base(self) -> bool:
-        return self.base == "required"
-
-    def param(self, name: str) -> ParamSpec:
-        for p in self.params:
-            if p.name == name:
-                return p
-        raise KeyError(name)
 
 
 # ------------------------------------------------------------------ parameter specs
@@ -199,6 +103,52 @@ def _passthrough(base, tensors, p, generator):
     return methods.passthrough(tensors[0], p["scale"][0])
 
 
+def _in_dtype(result: torch.Tensor, base: Optional[torch.Tensor], tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The result in the inputs' promoted dtype (arcee_fusion and ramplus_tl compute float32 masks/scales)."""
+    dtype = tensors[0].dtype
+    for t in ([base] if base is not None else []) + list(tensors[1:]):
+        dtype = torch.promote_types(dtype, t.dtype)
+    return result.to(dtype=dtype)
+
+
+def _arcee_fusion(base, tensors, p, generator):
+    return _in_dtype(selective.arcee_fusion(base, tensors[0], generator=generator), base, tensors)
+
+
+def _karcher(base, tensors, p, generator):
+    return spherical.karcher(tensors, max_iter=p["max_iter"], tol=p["tol"])
+
+
+def _multislerp(base, tensors, p, generator):
+    try:
+        return spherical.multislerp(base, tensors, p["weight"], normalize_weights=p["normalize_weights"],
+                                    eps=p["eps"])
+    except ValueError:  # mergekit raises too: 3+ models whose weighted unit (task) vectors cancel out
+        raise ConfigError("multislerp: the weighted sum of the unit (task) vectors of a tensor is zero (antipodal "
+                          "or unchanged tensors)", key="weight",
+                          allowed="weights that do not balance out, or two models (they fall back to linear)") from None
+
+
+def _nearswap(base, tensors, p, generator):
+    return selective.nearswap(base, tensors[0], p["t"])
+
+
+def _sce(base, tensors, p, generator):
+    return selective.sce(base, tensors, select_topk=p["select_topk"], int8_mask=p["int8_mask"])
+
+
+def _ram(base, tensors, p, generator):
+    return selective.ram(base, tensors, epsilon=p["epsilon"])
+
+
+def _ramplus_tl(base, tensors, p, generator):
+    return _in_dtype(selective.ramplus_tl(base, tensors, r=p["r"], alpha=p["alpha"], epsilon=p["epsilon"]),
+                     base, tensors)
+
+
+# searchable=False: nothing continuous worth evolving (arcee_fusion has no parameters; karcher's are an
+# iteration count and a tolerance; ram's epsilon only separates "changed" from rounding noise; model_stock
+# has a boolean), or two fixed models (nuslerp); passthrough is layer stacking's, not a parameter space's.
 METHODS: dict[str, MethodSpec] = {
     s.name: s
     for s in (
@@ -227,6 +177,50 @@ METHODS: dict[str, MethodSpec] = {
                    (ParamSpec("scale", default=None, per_model=True, doc="optional multiplier"),),
                    min_models=1, max_models=1, fn=_passthrough, searchable=False,
                    doc="copy one model's tensor (layer stacking), optionally scaled"),
+        MethodSpec("arcee_fusion", "required", (), min_models=1, max_models=1, random=True, searchable=False,
+                   fn=_arcee_fusion,
+                   doc="take the model's value where |model-base|*KL(softmax) is an upper outlier "
+                   "(>= median + 1.5*IQR); random (sampled quantiles) only above 1M elements"),
+        MethodSpec("karcher", "unused",
+                   (ParamSpec("max_iter", int, default=10, low=0,
+                              doc="most Riemannian gradient steps (0: normalized Euclidean mean of directions)"),
+                    ParamSpec("tol", default=1e-5, low=0.0,
+                              doc="stop when the tangent norm is below it; norms <= tol leave the direction mean")),
+                   fn=_karcher, searchable=False,
+                   doc="equal-weight Karcher mean of the models' directions on the unit sphere, scaled by "
+                   "their mean norm (a base_model given is one more model, as in mergekit)"),
+        MethodSpec("multislerp", "optional",
+                   (_weight(), _bool("normalize_weights", True, "divide the weights by their sum"),
+                    ParamSpec("eps", default=1e-8, low=0.0, doc="numerical floor for norms")),
+                   fn=_multislerp,
+                   doc="spherical barycentric interpolation of several models (of their task vectors when "
+                   "a base is given)"),
+        MethodSpec("nearswap", "required",
+                   (ParamSpec("t", default=REQUIRED, low=0.0,
+                              doc="distance within which the model's value is taken; farther ones move towards "
+                              "the base (weight t/|base-model|)"),),
+                   min_models=1, max_models=1, fn=_nearswap,
+                   doc="take the model's value where it is near the base's, interpolate towards the base "
+                   "elsewhere"),
+        MethodSpec("sce", "required",
+                   (_INT8, ParamSpec("select_topk", default=1.0, low=0.0, high=1.0,
+                                     doc="fraction of elements (of those with nonzero variance across the task "
+                                     "vectors) kept, largest variance first")),
+                   fn=_sce,
+                   doc="SCE: select high-variance elements, weight models by mean squared task vector, "
+                   "erase sign conflicts"),
+        MethodSpec("ram", "required",
+                   (ParamSpec("epsilon", default=1e-5, low=0.0, doc="changes of at most epsilon count as unchanged"),),
+                   fn=_ram, searchable=False,
+                   doc="RAM: unique changes kept whole, changes shared by several models averaged"),
+        MethodSpec("ramplus_tl", "required",
+                   (ParamSpec("r", default=0.1, low=0.0, doc="strength of the unique-change rescale"),
+                    ParamSpec("alpha", default=0.2, low=0.0, doc="cap on the shared/unique ratio in the rescale"),
+                    ParamSpec("epsilon", default=1e-5, low=0.0, low_open=True,
+                              doc="changes of at most epsilon count as unchanged; also the floor of the unique "
+                              "count (0 makes a model without changes 0/0 = NaN everywhere, in mergekit too)")),
+                   fn=_ramplus_tl,
+                   doc="RAM+ (tensor-local): RAM with unique changes scaled by 1 + r*min(shared/unique, alpha)"),
     )
 }
 
@@ -271,7 +265,7 @@ def resolve_params(method: str, params: Mapping[str, Any], n_models: int) -> dic
             v if (v is None and p.default is None) else p.check(v, f"model {i}: ")
             for i, v in enumerate(values)
         ]
-    if "epsilon" in out:
+    if "epsilon" in out and "density" in out:  # DELLA (ram's epsilon is another parameter)
         for i, (d, e) in enumerate(zip(out["density"], out["epsilon"])):
             if d < 1 and not (d - e > 0 and d + e < 1):
                 raise ConfigError(

@@ -1,4 +1,4 @@
-"""Layer stacking (Sakana's data-flow-space merge, SOLAR's depth up-scaling) without copying weights.
+"""Layer stacking (Sakana's data-flow-space merge, SOLAR's depth up-scaling) on the source models' own tensors.
 
 A *path* is a list of (source index, layer index) pairs naming decoder layers of already-loaded
 source models; *scales* has one positive float per position: the residual stream is multiplied by
@@ -35,25 +35,39 @@ Sandwich norms (Gemma 2/3): the residual outputs are post_attention_layernorm(A(
 post_feedforward_layernorm(F(...)); dividing them by c_k means dividing those norms' gains by c_k.
 Gemma's RMSNorm multiplies by (1 + w), so w becomes (1 + w) / c_k - 1 (Llama-style gains: w / c_k).
 Scales must be positive: N(-x) = -N(x), so a negative factor would not fold.
+
+The search scores what it ships
+-------------------------------
+Because of eps, the scaled stack (`build_stacked_model`, Sakana's definition) and the folded one differ by
+~eps / ms(y), and only the folded one can be written as a model (mergekit's passthrough `scale`). So the
+search's live model is the folded one, built from the very recipe it exports (`build_recipe_model`): each
+position's layer shares the source layer's tensors, except the tensors the recipe scales, which are computed
+by the same planner and merge function as `evomerge merge`. Live model == `evomerge merge` of the exported
+recipe == mergekit's merge of it, bit for bit in the weights, at any eps.
 """
 
 from __future__ import annotations
 
 import copy as _copy
 from dataclasses import dataclass
-from typing import Any, Sequence, cast
+from typing import TYPE_CHECKING, Any, Mapping, Sequence, cast
 
 import torch
 from torch import nn
 
 from evomerge.errors import ConfigError
 from evomerge.merge.dfs import check_stackable, validate_path
+from evomerge.merge.stacking_recipes import cumulative_scales, dus_path, dus_recipe, to_passthrough_recipe
+
+if TYPE_CHECKING:
+    from evomerge.models.layout import ModelLayout
+    from evomerge.recipe import Recipe
 
 Path = list[tuple[int, int]]
 
 __all__ = [
-    "StackInfo", "build_stacked_model", "stacked_config", "fold_scales", "cumulative_scales", "to_passthrough_recipe",
-    "dus_path", "dus_recipe",
+    "StackInfo", "build_stacked_model", "build_recipe_model", "stacked_config", "fold_scales", "cumulative_scales",
+    "to_passthrough_recipe", "dus_path", "dus_recipe",
 ]
 
 
@@ -182,6 +196,8 @@ def build_stacked_model(target_model: nn.Module, path: Sequence[tuple[int, int]]
     Each position gets its own module objects (own `self_attn.layer_idx` = position, so a layer used
     twice writes two KV-cache entries) whose parameters are the source layer's tensors; a forward
     pre-hook multiplies the hidden state by the position's scale (no hook where the scale is 1).
+    This is Sakana's scaled stack, the reference the folding is derived from; it cannot be written as
+    a model, so the search scores `build_recipe_model` of the exported recipe instead.
     """
     path, scales = _check_inputs(target_model, path, scales, sources)
     layers = []
@@ -194,15 +210,6 @@ def build_stacked_model(target_model: nn.Module, path: Sequence[tuple[int, int]]
     model = _assemble(target_model, path, sources, layers)
     model._evomerge_stack = StackInfo(target_model, path, scales, list(sources))  # type: ignore[assignment]  # torch's __setattr__ type
     return model
-
-
-def cumulative_scales(scales: Sequence[float]) -> list[float]:
-    """c_k = s_1 * ... * s_k: the factor between the stacked and the folded residual stream."""
-    out, c = [], 1.0
-    for s in scales:
-        c *= float(s)
-        out.append(c)
-    return out
 
 
 def _is_one_plus_norm(norm: nn.Module) -> bool:
@@ -284,87 +291,54 @@ def fold_scales(model: nn.Module, path: Sequence[tuple[int, int]] | None = None,
     return _assemble(target, path, sources, layers, clone=clone)
 
 
-# ---- mergekit recipes -------------------------------------------------------------------------
-def _runs(path: Path) -> list[tuple[int, int, int, int]]:
-    """Maximal runs (start position, end position, source, first layer) of consecutive layers of one model."""
-    runs = []
-    start = 0
-    for k in range(1, len(path) + 1):
-        if k == len(path) or path[k][0] != path[k - 1][0] or path[k][1] != path[k - 1][1] + 1:
-            runs.append((start, k, path[start][0], path[start][1]))
-            start = k
-    return runs
+def build_recipe_model(recipe: "Recipe", models: Mapping[str, nn.Module], layouts: Mapping[str, "ModelLayout"],
+                       *, source: str = "<recipe>") -> nn.Module:
+    """The live model of a passthrough (layer-stacking) recipe: the model `evomerge merge` writes for it.
 
-
-def to_passthrough_recipe(path: Sequence[tuple[int, int]], scales: Sequence[float], model_refs: Sequence[str],
-                          target_index: int, dtype: str | None = "float32",
-                          residual_tensors: Sequence[str] = ("o_proj", "down_proj")) -> dict:
-    """A mergekit (0.1.5) passthrough recipe for the folded stack, as the dict dumped to YAML.
-
-    - One slice per run of consecutive layers of one model. mergekit's passthrough multiplies each
-      tensor by its `scale` parameter; a filtered scale ({filter: o_proj, value: 1/c}) applies to
-      every tensor whose input name contains the filter. Inside a slice of n layers mergekit reads a
-      list value at t = i/(n-1) with linear interpolation, so a list of the n per-layer factors gives
-      each layer its own 1/c_k (exact up to one rounding of t): runs never need splitting.
-    - mergekit takes the pre-layer tensors (embeddings) from the first slice's model and the
-      post-layer ones (final norm, lm_head) from the last slice's; the output config from
-      base_model. The recipe sets base_model to the target and, where the path starts or ends on
-      another model, adds an empty slice (layer_range [0, 0]) of the target so those come from it.
-    - For pre-norm models (Llama, Mistral, Qwen2): o_proj and down_proj. Gemma 2/3 folds into
-      (1 + w) norm gains, which a multiplicative scale cannot express: materialize with
-      `fold_scales` and save that model instead.
+    `models` maps every model reference of the recipe to a loaded causal LM (in the recipe's dtype), `layouts`
+    to its file layout (`ModelLayout.from_source`), as `evomerge merge` plans with. Each output layer is its
+    own module tree (own `layer_idx`, so a layer used twice keeps two KV-cache entries) sharing the source
+    layer's tensors, except those the recipe gives a `scale` other than 1: they are new tensors computed by
+    `compute_tensor`, the function `evomerge merge` writes (x * 1.0 == x, so a scale of 1 keeps the shared
+    tensor). Embeddings, final norm and lm_head are the target model's, which the recipe must take unscaled
+    (to_passthrough_recipe's empty target slices do).
     """
-    path = [(int(s), int(layer)) for s, layer in path]
-    scales = [float(s) for s in scales]
-    if not model_refs:
-        raise ConfigError("no model references", key="models", allowed="one reference per source")
-    if not 0 <= int(target_index) < len(model_refs):
-        raise ConfigError(f"target index {target_index}", key="target", allowed=f"0..{len(model_refs) - 1}")
-    validate_path(path, scales, [10 ** 9] * len(model_refs))
-    refs = [str(r) for r in model_refs]
-    target_ref = refs[int(target_index)]
-    factors = [1.0 / c for c in cumulative_scales(scales)]
+    from evomerge.merge.execute import compute_tensor
+    from evomerge.merge.plan import build_plan
 
-    slices: list[dict] = []
-    for a, b, src, first in _runs(path):
-        source: dict[str, Any] = {"model": refs[src], "layer_range": [first, first + (b - a)]}
-        f = factors[a:b]
-        if any(x != 1.0 for x in f):
-            value: float | list[float] = f[0] if all(x == f[0] for x in f) else list(f)
-            source["parameters"] = {"scale": [{"filter": name, "value": value} for name in residual_tensors]}
-        slices.append({"sources": [source]})
-    empty = {"sources": [{"model": target_ref, "layer_range": [0, 0]}]}
-    if slices[0]["sources"][0]["model"] != target_ref:
-        slices.insert(0, _copy.deepcopy(empty))
-    if slices[-1]["sources"][0]["model"] != target_ref:
-        slices.append(_copy.deepcopy(empty))
-    recipe: dict[str, Any] = {"merge_method": "passthrough", "base_model": target_ref, "slices": slices}
-    if dtype is not None:
-        recipe["dtype"] = dtype
-    return recipe
+    if recipe.merge_method != "passthrough":
+        raise ConfigError(f"a live stack needs a passthrough recipe, not {recipe.merge_method}", file=source,
+                          key="merge_method", allowed="passthrough")
+    plan = build_plan(recipe, layouts, source=source)
+    target = models[plan.target]
+    path: Path = []
+    refs = list(models)
+    for tp in plan.tensors:
+        ref, name = tp.inputs[0].model, tp.inputs[0].name
+        if tp.layer is None:
+            if (ref, name) != (plan.target, tp.out_name) or plan.resolve(tp).get("scale", [None])[0] not in (None, 1.0):
+                raise ConfigError(f"{tp.out_name} does not come unscaled from the target model '{plan.target}'",
+                                  file=source, key="slices", allowed="first and last slices of the target model")
+        elif tp.layer == len(path):
+            path.append((refs.index(ref), cast(int, layouts[ref].layer_of(name))))
+    sources = [models[r] for r in refs]
+    path, _ = _check_inputs(target, path, [1.0] * len(path), sources)
+    layers = []
+    for k, (src, li) in enumerate(path):
+        layer = _alias(_layers(sources[src])[li])
+        _set_layer_idx(layer, k)
+        layers.append(layer)
 
+    def fetch(model: str, name: str) -> torch.Tensor:
+        return models[model].get_parameter(name).detach()
 
-def dus_path(num_layers: int, drop: int = 8) -> Path:
-    """SOLAR's depth up-scaling: layers [0, n-drop) then [drop, n) of one model, 2n - 2*drop layers."""
-    n, d = int(num_layers), int(drop)
-    if n < 1:
-        raise ConfigError(f"num_layers={num_layers}", key="num_layers", allowed="an integer >= 1")
-    if not 0 <= d < n:
-        raise ConfigError(f"drop={drop} for a {n}-layer model", key="drop", allowed=f"0 <= drop < {n}")
-    return [(0, i) for i in range(n - d)] + [(0, i) for i in range(d, n)]
-
-
-def dus_recipe(model_ref: str, num_layers: int, drop: int = 8, dtype: str | None = None) -> dict:
-    """The SOLAR depth up-scaling passthrough recipe (dtype None keeps the model's dtype)."""
-    dus_path(num_layers, drop)  # validates
-    n, d = int(num_layers), int(drop)
-    recipe: dict[str, Any] = {
-        "merge_method": "passthrough",
-        "slices": [
-            {"sources": [{"model": str(model_ref), "layer_range": [0, n - d]}]},
-            {"sources": [{"model": str(model_ref), "layer_range": [d, n]}]},
-        ],
-    }
-    if dtype is not None:
-        recipe["dtype"] = dtype
-    return recipe
+    with torch.no_grad():
+        for tp in plan.tensors:
+            scale = plan.resolve(tp).get("scale", [None])[0] if tp.layer is not None else None
+            if scale is None or scale == 1.0:
+                continue
+            rel = tp.out_name.removeprefix(f"{layouts[plan.target].layer_prefix}{tp.layer}.")  # self_attn.o_proj.weight
+            module_name, _, leaf = rel.rpartition(".")
+            module = layers[cast(int, tp.layer)].get_submodule(module_name)
+            module._parameters[leaf] = nn.Parameter(compute_tensor(plan, tp, fetch), requires_grad=False)
+    return _assemble(target, path, sources, layers)

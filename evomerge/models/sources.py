@@ -18,6 +18,7 @@ import torch
 
 from evomerge.dtypes import SAFETENSORS_DTYPES
 from evomerge.errors import ModelLoadError
+from evomerge.yamlio import read_text
 
 log = logging.getLogger(__name__)
 
@@ -344,10 +345,13 @@ def _load_config(path: Path, ref: str, trust_remote_code: bool):
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise ModelLoadError(f"'{ref}' has no config.json")
+    text = read_text(cfg_file, what="model config", error=ModelLoadError)  # binary, not UTF-8, empty: one line
     try:
-        raw = json.loads(cfg_file.read_text())
+        raw = json.loads(text)
     except Exception as exc:
-        raise ModelLoadError(f"{cfg_file}: not valid JSON ({_short(exc)})") from None
+        raise ModelLoadError(f"not valid JSON ({_short(exc)})", file=str(cfg_file)) from None
+    if not isinstance(raw, dict):
+        raise ModelLoadError("a model config must be a JSON object", file=str(cfg_file))
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 

@@ -38,6 +38,7 @@ from evomerge.search.optimizers import Optimizer
 from evomerge.search.progress import Progress, QuietProgress
 from evomerge.store import RunStore, TrialRecord
 from evomerge.store.locks import worker_alive
+from evomerge.store.run_store import QUEUE_LEASE
 
 WAIT_POLL_SECONDS = 0.2
 STALE_CHECK_SECONDS = 5.0
@@ -127,7 +128,8 @@ def run_search(
     """Work on the search in `store` until `max_trials` finished trials (counted in the storage, across
     resumes and workers), `max_seconds` of the run's search time (across resumes), or the optimizer
     stops. `slot`: this worker's slot (default: registered now); build the optimizer with the same slot
-    (`make_optimizer(..., slot=slot)`) so that each worker's sampler draws from its own seed. `backup_every`: back up a SQLite run every this many finished trials."""
+    (`make_optimizer(..., slot=slot)`) so that each worker's sampler draws from its own seed.
+    `backup_every`: back up a SQLite run every this many finished trials."""
     if isinstance(max_trials, bool) or not isinstance(max_trials, (int, np.integer)) or max_trials <= 0:
         raise ConfigError(f"max_trials must be a positive integer, got {max_trials!r}", key="max_trials")
     if max_seconds is not None and not (isinstance(max_seconds, (int, float)) and max_seconds > 0):
@@ -257,7 +259,7 @@ class _Session:
             if stop is not None and not any(c for k, c in self.store.counts().items() if k != "finished"):
                 return None, stop
             return self.store.pop_waiting(), None
-        with self.store.lease("budget", 60):
+        with self.store.lease(QUEUE_LEASE, 60):
             c = self.store.counts()
             if c["finished"] + c["running"] + c["waiting"] >= self.max_trials:
                 return None, None
@@ -266,7 +268,7 @@ class _Session:
 
     def _advance(self) -> str | None:
         assert self.queue is not None
-        with self.store.lease("optimizer"):
+        with self.store.lease(QUEUE_LEASE):
             stop = self.queue.advance()
         for gen, results in self.queue.told:
             self.progress.generation(gen, results, self.best)

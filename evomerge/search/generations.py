@@ -1,7 +1,7 @@
 """Whole generations through the storage, for optimizers that propose them (CMA-ES).
 
 The optimizer's state as of its last tell lives in the storage; asking from it gives the current
-generation again. Whoever holds the run's "optimizer" lease advances the queue: when every candidate of
+generation again. Whoever holds the run's "queue" lease advances the queue: when every candidate of
 the current generation has finished it tells the optimizer (failed candidates get a fitness below the
 generation's worst), saves its state, asks the next generation and enqueues its candidates as WAITING
 trials that any worker pops. Every step
@@ -33,7 +33,7 @@ def penalties(values: list[list[float] | None], fallback: list[list[float]], n_o
 
 
 class GenerationQueue:
-    """Tell / ask / enqueue for one run; call `advance` while holding the storage's "optimizer" lease."""
+    """Tell / ask / enqueue for one run; call `advance` while holding the storage's "queue" lease."""
 
     def __init__(self, store: RunStore, optimizer: Optimizer, *, max_trials: int,
                  dedupe_key: Callable[[np.ndarray], str]):

@@ -113,12 +113,16 @@ class ParameterSpace:
         s = self.config
         if s.chat_vector:
             return [s.chat_vector.target, s.chat_vector.chat]
-        base = s.base_model if self.spec.needs_base else None
-        members = [m for m in s.models if m != base]
-        if self.method == "slerp" and len(members) != 1:
-            raise ConfigError("slerp merges exactly one model into the base", file=self.source, key="models")
+        base = s.base_model if self.spec.uses_base else None  # optional-base methods: task vectors from it
         if self.spec.needs_base and not base:
             raise ConfigError(f"{self.method} needs base_model", file=self.source, key="base_model")
+        members = [m for m in s.models if m != base]
+        lo, hi = self.spec.min_models, self.spec.max_models
+        if len(members) < lo or (hi is not None and len(members) > hi):
+            count = f"exactly {lo}" if lo == hi else f"{lo} or more" if hi is None else f"{lo} to {hi}"
+            into = " into the base" if base else ""
+            raise ConfigError(f"{self.method} merges {count} model(s){into}, got {len(members)}", file=self.source,
+                              key="models", allowed=f"{count} model(s) besides base_model")
         return members
 
     def evolving(self, model: str) -> bool:
@@ -215,7 +219,7 @@ class ParameterSpace:
         assert self.method is not None  # without a method there are no members (see __init__)
         return Recipe(
             merge_method=self.method,
-            base_model=self.refs[s.base_model] if s.base_model and (self.spec.needs_base) else None,
+            base_model=self.refs[s.base_model] if s.base_model and self.spec.uses_base else None,
             models=entries,
             parameters=shared or None,
             dtype=s.dtype,

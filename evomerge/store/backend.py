@@ -14,6 +14,7 @@ Everything else goes through these functions, so an Optuna upgrade that moves th
 
 from __future__ import annotations
 
+import datetime
 import json
 import time
 import uuid
@@ -60,7 +61,7 @@ def open_rdb(url: str) -> optuna.storages.RDBStorage:
             _META.create_all(storage.engine, checkfirst=True)
             return storage
         except (exc.IntegrityError, exc.ProgrammingError, exc.OperationalError) as err:
-            transient = any(k in str(err) for k in ("already exists", "UNIQUE", "locked"))
+            transient = any(k in str(err) for k in ("already exists", "UNIQUE", "locked", "duplicate key"))
             if attempt == 4 or not transient:
                 raise
             time.sleep(0.2 * (attempt + 1))
@@ -101,12 +102,18 @@ def frozen_trial(study: optuna.Study, tid: int) -> optuna.trial.FrozenTrial:
     return study._storage.get_trial(tid)
 
 
-def fail_trial(study: optuna.Study, tid: int) -> bool:
-    """Finish an unfinished trial as FAIL; False when another process finished it first."""
-    try:
-        return bool(study._storage.set_trial_state_values(tid, TrialState.FAIL))
-    except optuna.exceptions.UpdateFinishedTrialError:
-        return False
+def fail_trial(storage: optuna.storages.RDBStorage, tid: int, attrs: dict[str, Any]) -> bool:
+    """Finish a RUNNING or WAITING trial as FAIL with `attrs`, in one transaction; False when another
+    process finished it first (a conditional update: two workers never both fail the same trial)."""
+    trials = models.TrialModel.__table__
+    with storage.engine.begin() as conn:
+        unfinished = trials.c.state.in_([TrialState.RUNNING, TrialState.WAITING])
+        res = conn.execute(trials.update().where(trials.c.trial_id == tid, unfinished)
+                           .values(state=TrialState.FAIL, datetime_complete=datetime.datetime.now()))
+        if res.rowcount != 1:
+            return False
+        _upsert_attrs(storage, conn, tid, attrs)
+    return True
 
 
 def stale_trials(storage: optuna.storages.RDBStorage, study: optuna.Study) -> set[int]:
@@ -126,14 +133,18 @@ def _insert(storage: optuna.storages.RDBStorage, table: Any) -> Any:
 
 def set_user_attrs(storage: optuna.storages.RDBStorage, tid: int, attrs: dict[str, Any]) -> None:
     """Several user attrs of an unfinished trial in one statement and one commit."""
-    table = models.TrialUserAttributeModel.__table__
-    rows = [{"trial_id": tid, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()]
     with _create_scoped_session(storage.scoped_session, True) as session:
         trial = models.TrialModel.find_or_raise_by_id(tid, session, for_update=True)
         storage.check_trial_is_updatable(tid, cast(TrialState, trial.state))
-        stmt = _insert(storage, table).values(rows)
-        session.execute(stmt.on_conflict_do_update(index_elements=[table.c.trial_id, table.c.key],
-                                                   set_={"value_json": stmt.excluded.value_json}))
+        _upsert_attrs(storage, session, tid, attrs)
+
+
+def _upsert_attrs(storage: optuna.storages.RDBStorage, conn: Any, tid: int, attrs: dict[str, Any]) -> None:
+    table = models.TrialUserAttributeModel.__table__
+    rows = [{"trial_id": tid, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()]
+    stmt = _insert(storage, table).values(rows)
+    conn.execute(stmt.on_conflict_do_update(index_elements=[table.c.trial_id, table.c.key],
+                                            set_={"value_json": stmt.excluded.value_json}))
 
 
 def claim(storage: optuna.storages.RDBStorage, key: str, tid: int) -> int:
@@ -179,9 +190,23 @@ def enqueue(study: optuna.Study, params: dict[str, float], user_attrs: dict[str,
 
 
 def pop_waiting(study: optuna.Study) -> optuna.trial.Trial | None:
-    """Take the oldest WAITING trial (now RUNNING) for this process, or None; atomic across workers."""
-    tid = study._pop_waiting_trial_id()
-    return None if tid is None else optuna.trial.Trial(study, tid)
+    """Take the oldest WAITING trial (now RUNNING) for this process, or None. A conditional update, so
+    two workers never take the same trial (Optuna's own pop reads, then writes: on SQLite two processes
+    can both pass its check)."""
+    storage = rdb_of(study)
+    assert storage is not None
+    trials = models.TrialModel.__table__
+    with storage.engine.connect() as conn:
+        waiting = conn.execute(select(trials.c.trial_id)
+                               .where(trials.c.study_id == study._study_id, trials.c.state == TrialState.WAITING)
+                               .order_by(trials.c.number)).scalars().all()
+    for tid in waiting:
+        with storage.engine.begin() as conn:
+            res = conn.execute(trials.update().where(trials.c.trial_id == tid, trials.c.state == TrialState.WAITING)
+                               .values(state=TrialState.RUNNING, datetime_start=datetime.datetime.now()))
+        if res.rowcount == 1:
+            return optuna.trial.Trial(study, int(tid))
+    return None
 
 
 # -- leases: short named locks across processes and machines --------------------------------------------

@@ -33,6 +33,7 @@ from evomerge.store.records import TrialRecord, jsonable
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 OPTIMIZER_STATE = "optimizer"
+QUEUE_LEASE = "queue"  # held while the set of waiting / running trials changes (enqueue, reserve, requeue)
 
 
 def sha256_text(text: str) -> str:
@@ -63,6 +64,8 @@ class RunStore:
         self.storage = storage
         self.study = study
         self.storage_url = storage_url or folder.storage_url
+        # our tables are shared by every run in a database (a server holds many): keys carry the study's id
+        self._ns = f"{backend.study_id(study)}:"
 
     @property
     def run_dir(self):
@@ -115,7 +118,11 @@ class RunStore:
                 tmp_db = folder.root / f".study-{uuid.uuid4().hex[:8]}.creating.db"
                 url = backend.sqlite_url(tmp_db)
             storage = backend.open_rdb(url)
-            study = optuna.create_study(storage=storage, study_name=folder.name, directions=dirs)  # type: ignore[arg-type]
+            try:
+                study = optuna.create_study(storage=storage, study_name=folder.name, directions=dirs)  # type: ignore[arg-type]
+            except optuna.exceptions.DuplicatedStudyError:  # another process created it a moment ago
+                raise ConfigError("a run with this name already exists in the storage; join it with "
+                                  "`evomerge worker`", file=url) from None
             for key, value in attrs.items():
                 study.set_user_attr(key, value)
             if storage_url is None:
@@ -276,12 +283,7 @@ class RunStore:
     def abort_trial(self, trial: optuna.trial.Trial | int, status: str, reason: str) -> bool:
         """Finish an unevaluated trial (cancelled by the budget, interrupted, stale) as FAIL; False when
         another process finished it first."""
-        tid = backend.trial_id(trial)
-        try:
-            backend.set_user_attrs(self.storage, tid, {"error": reason, "status": status})
-        except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
-            return False
-        return backend.fail_trial(self.study, tid)
+        return backend.fail_trial(self.storage, backend.trial_id(trial), {"error": reason, "status": status})
 
     def abort_trial_number(self, number: int, status: str, reason: str) -> bool:
         return self.abort_trial(backend.trial_id_of_number(self.study, number), status, reason)
@@ -290,6 +292,10 @@ class RunStore:
         """Trials whose worker died: FAIL with status "stale" (neither counted nor reused) and, with
         `requeue`, their candidate enqueued again for any worker. A trial is stale when its worker process
         on this host is gone or its heartbeat is older than the grace period (workers elsewhere)."""
+        with self.lease(QUEUE_LEASE):  # the set of waiting and running trials changes under one lease
+            return self._fail_stale_trials(requeue)
+
+    def _fail_stale_trials(self, requeue: bool) -> list[int]:
         heartbeat_stale = backend.stale_trials(self.storage, self.study)
         now = _dt.datetime.now()
         stale = []
@@ -318,7 +324,7 @@ class RunStore:
     def claim(self, key: str, trial: optuna.trial.Trial) -> int:
         """Atomically claim the evaluation of candidate `key` for `trial`; returns the number of the
         trial that owns it (ours, or the one whose result to wait for)."""
-        owner = backend.claim(self.storage, key, backend.trial_id(trial))
+        owner = backend.claim(self.storage, self._ns + key, backend.trial_id(trial))
         if owner == backend.trial_id(trial):
             return trial.number
         return backend.frozen_trial(self.study, owner).number
@@ -327,20 +333,20 @@ class RunStore:
     @contextlib.contextmanager
     def lease(self, name: str, seconds: float = 300.0) -> Iterator[None]:
         """Hold the run-wide lock `name` (across processes and machines) for the block."""
-        token = backend.acquire_lease(self.storage, name, seconds)
+        token = backend.acquire_lease(self.storage, self._ns + name, seconds)
         try:
             yield
         finally:
-            backend.release_lease(self.storage, name, token)
+            backend.release_lease(self.storage, self._ns + name, token)
 
     def register_worker(self) -> int:
         """This process's worker slot: 0 for the first worker, then 1, 2, ...; a slot whose process on
         this host has died is reused (so a resumed single worker is slot 0 again)."""
         me = json.dumps(this_worker()).encode()
         with self.lease("workers", 30):
-            slots = backend.state_keys(self.storage, "worker:")
+            slots = backend.state_keys(self.storage, self._ns + "worker:")
             for k in range(len(slots) + 1):
-                key = f"worker:{k}"
+                key = f"{self._ns}worker:{k}"
                 if key not in slots:
                     backend.insert_state(self.storage, key, me)
                     return k
@@ -363,22 +369,22 @@ class RunStore:
         """The run's search time across sessions and workers (the union of their working intervals);
         with `since` (this worker's last tick), first add the time since then."""
         with self.lease("clock", 30):
-            raw = backend.load_state(self.storage, "clock")
+            raw = backend.load_state(self.storage, self._ns + "clock")
             clock = json.loads(raw) if raw else {"used": 0.0, "stamp": 0.0}
             if since is not None:
                 now = now if now is not None else _dt.datetime.now().timestamp()
                 clock["used"] += max(0.0, now - max(since, clock["stamp"]))
                 clock["stamp"] = max(clock["stamp"], now)
-                backend.save_state(self.storage, "clock", json.dumps(clock).encode())
+                backend.save_state(self.storage, self._ns + "clock", json.dumps(clock).encode())
         return float(clock["used"])
 
     # -- optimizer state ----------------------------------------------------------------------------
     def save_optimizer_state(self, state: dict[str, Any], key: str = OPTIMIZER_STATE) -> None:
         payload = {"format": 2, "saved_at": _dt.datetime.now().isoformat(timespec="seconds"), "state": state}
-        backend.save_state(self.storage, key, pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL))
+        backend.save_state(self.storage, self._ns + key, pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL))
 
     def load_optimizer_state(self, key: str = OPTIMIZER_STATE) -> dict[str, Any] | None:
-        data = backend.load_state(self.storage, key)
+        data = backend.load_state(self.storage, self._ns + key)
         if data is None:
             return None
         try:

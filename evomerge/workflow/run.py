@@ -4,10 +4,13 @@ held-out table and the report."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -19,6 +22,7 @@ from evomerge.search.driver import run_search
 from evomerge.search.optimizers import Optimizer, make_optimizer
 from evomerge.search.progress import make_progress
 from evomerge.store import RunFolder, RunStore, atomic_write_text
+from evomerge.store.integrity import restore_latest_backup
 from evomerge.workflow.context import RunContext, build_context, make_objective
 from evomerge.workflow.heldout import heldout_markdown, heldout_rows
 
@@ -34,7 +38,7 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _optimizer(ctx: RunContext) -> Optimizer:
+def _optimizer(ctx: RunContext, slot: int = 0) -> Optimizer:
     opt = ctx.config.optimizer
     x0 = None
     if ctx.config.seed_recipes:
@@ -43,7 +47,7 @@ def _optimizer(ctx: RunContext) -> Optimizer:
     else:
         x0 = ctx.space.initial_genome()
     return make_optimizer(opt.name, ctx.space.dim, seed=ctx.config.seed, n_objectives=len(ctx.directions),
-                          popsize=opt.popsize, sigma0=opt.sigma0, x0=x0, restarts=opt.restarts)
+                          popsize=opt.popsize, sigma0=opt.sigma0, x0=x0, restarts=opt.restarts, slot=slot)
 
 
 def _rel(path: str, base_dir: Path) -> Path:
@@ -58,51 +62,99 @@ def _positive_trials(n: int, source: str) -> int:
 
 
 def start_run(space_path: str | Path, *, run_dir: str | Path | None = None, overwrite: bool = False,
-              quiet: bool = False, max_trials: int | None = None) -> Path:
+              quiet: bool = False, max_trials: int | None = None, storage: str | None = None) -> Path:
+    """`evomerge run`: check everything, create the run, search, write the results. `storage`: a database
+    URL (e.g. postgresql://...) that workers on other machines join with `evomerge worker`."""
     _quiet_transformers()
     config, text = load_search_space(space_path)
     base_dir = Path(space_path).resolve().parent
     folder = RunFolder(run_dir if run_dir else default_run_dir(config))
     if max_trials is not None:
         config.budget.trials = _positive_trials(max_trials, str(space_path))
-    if folder.exists() and not overwrite:  # fail before loading any weights
+    if storage is None and folder.exists() and not overwrite:  # fail before loading any weights
         RunStore.create(folder.root, text, directions=["maximize"], overwrite=False)
-    if overwrite:
-        folder.remove_run()
-    ctx = build_context(config, text, source=str(space_path), base_dir=base_dir, run_dir=folder.root)
-    meta = {"space_file": str(Path(space_path).resolve()), "base_dir": str(base_dir), "refs": ctx.refs,
-            "dim": ctx.space.dim, "env": referenced(text)}
-    store = RunStore.create(folder.root, text, directions=ctx.directions, meta=meta, overwrite=overwrite)
-    _write_json(folder.splits, {s: ctx.evaluator(s).split_ids() for s in ("search", "heldout")})
-    return _search_and_finish(ctx, store, quiet=quiet)
+    with handle_sigterm():
+        ctx = build_context(config, text, source=str(space_path), base_dir=base_dir, run_dir=folder.root)
+        meta = {"space_file": str(Path(space_path).resolve()), "base_dir": str(base_dir), "refs": ctx.refs,
+                "dim": ctx.space.dim, "env": referenced(text)}
+        splits = {s: ctx.evaluator(s).split_ids() for s in ("search", "heldout")}
+        store = RunStore.create(folder.root, text, directions=ctx.directions, meta=meta, overwrite=overwrite,
+                                storage_url=storage)
+        store.set_attr("budget_config", {"trials": config.budget.trials, "seconds": config.budget.seconds})
+        _write_json(folder.splits, splits)
+        return _search_and_finish(ctx, store, quiet=quiet)
 
 
-def resume_run(run_dir: str | Path, *, quiet: bool = False, max_trials: int | None = None) -> Path:
+def resume_run(run_dir: str | Path, *, quiet: bool = False, max_trials: int | None = None,
+               from_backup: bool = False) -> Path:
+    """`evomerge resume`: continue a stopped or killed run; started several times, several workers."""
     _quiet_transformers()
-    store = RunStore.open(run_dir)
-    text = store.folder.config.read_text()
+    folder = RunFolder(run_dir)
+    if from_backup:
+        restored = restore_latest_backup(folder.db, folder.backups)
+        print(f"restored {restored.name}; the damaged database was kept beside it")
+    store = RunStore.open(folder.root)
+    return _join(store, quiet=quiet, max_trials=max_trials)
+
+
+def join_run(storage_url: str, name: str, *, runs_dir: str | Path = "runs", quiet: bool = False) -> Path:
+    """`evomerge worker STORAGE NAME`: one more worker on a run kept on a database server."""
+    _quiet_transformers()
+    return _join(RunStore.join(storage_url, name, runs_dir), quiet=quiet, max_trials=None)
+
+
+def _join(store: RunStore, *, quiet: bool, max_trials: int | None) -> Path:
+    text = store.folder.config.read_text(encoding="utf-8")
     source = str(store.folder.config)
     meta = store.meta
     for var, value in meta.get("env", {}).items():  # ${VAR}s in the snapshot resolve as when the run started
         os.environ.setdefault(var, value)
     config = parse_search_space(text, source=source)
+    budget = store.attrs.get("budget_config") or {}
+    config.budget.trials = int(budget.get("trials", config.budget.trials))  # a --trials given at the start
     if max_trials is not None:
         config.budget.trials = _positive_trials(max_trials, source)
-    ctx = build_context(config, text, source=source, base_dir=Path(meta["base_dir"]), refs=meta["refs"],
-                        run_dir=store.run_dir)
-    if ctx.space.dim != meta["dim"]:
-        raise ConfigError(f"the search space now has {ctx.space.dim} genes, the run {meta['dim']}", file=source)
-    return _search_and_finish(ctx, store, quiet=quiet)
+        store.set_attr("budget_config", budget | {"trials": config.budget.trials})
+    with handle_sigterm():
+        ctx = build_context(config, text, source=source, base_dir=Path(meta["base_dir"]), refs=meta["refs"],
+                            run_dir=store.run_dir)
+        if ctx.space.dim != meta["dim"]:
+            raise ConfigError(f"the search space now has {ctx.space.dim} genes, the run {meta['dim']}", file=source)
+        return _search_and_finish(ctx, store, quiet=quiet)
+
+
+@contextlib.contextmanager
+def handle_sigterm() -> Iterator[None]:
+    """SIGTERM (what cluster schedulers send) stops a run as Ctrl-C does: the trial in flight is marked
+    interrupted, everything finished stays, and `evomerge resume` continues."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _search_and_finish(ctx: RunContext, store: RunStore, *, quiet: bool) -> Path:
-    optimizer = _optimizer(ctx)
+    slot = store.register_worker()
+    optimizer = _optimizer(ctx, slot)
     summary = run_search(store, optimizer, make_objective(ctx), max_trials=ctx.config.budget.trials,
                          max_seconds=ctx.config.budget.seconds, dedupe_key=ctx.space.dedupe_key,
-                         progress=make_progress(quiet=quiet))
-    finish_run(ctx, store, quiet=quiet)
+                         progress=make_progress(quiet=quiet), slot=slot, backup_every=optimizer.popsize)
+    with store.lease("finish", 3600):
+        done = store.attrs.get("results_for")
+        if done != summary.finished:  # results are written once per state of the run, by one worker
+            finish_run(ctx, store, quiet=quiet)
+            store.set_attr("results_for", summary.finished)
+            store.backup(f"{summary.finished:06d}")
     if not quiet:
-        print(f"{summary.finished} trials ({summary.failed} failed this session); results in {store.run_dir}")
+        print(f"{summary.finished} trials ({summary.failed} failed in this session); results in {store.run_dir}")
     return store.run_dir
 
 

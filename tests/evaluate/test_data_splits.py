@@ -148,3 +148,19 @@ def test_unknown_lm_eval_task():
     with pytest.raises(ConfigError) as e:
         LmEvalTask(spec, tokenizer=None, split="all")
     assert "unknown lm-eval task 'kmmlu_no_such_subject'" in str(e.value) and "lm_eval_task" in str(e.value)
+
+
+def test_kmmlu_folder_layout(kmmlu_local):
+    """A local HAERAE-HUB/KMMLU copy: every subject (or those asked), ids as with `dataset:`, the subject kept."""
+    root, _ = kmmlu_local
+    items = load_items("kmmlu", path=str(root))
+    assert len(items) == 28 and items[0].id == "Biology/test/0" and items[0].subject == "Biology"
+    assert {i.category for i in items} == {"STEM", "HUMSS"}  # the file's Category column, not the subject
+    assert load_items("kmmlu", path=str(root / "data"), subjects=["Math"], split="dev")[4].id == "Math/dev/4"
+    with pytest.raises(DataError, match="no file for subject 'Physics'.*allowed: Biology, Economics"):
+        load_items("kmmlu", path=str(root), subjects=["Physics"])
+    with pytest.raises(DataError, match="kind kmmlu only"):
+        load_items("mcq", path=str(root))
+    TaskSpec(name="t", kind="kmmlu", path=str(root), num_fewshot=5)  # the folder's dev files: no fewshot_path
+    with pytest.raises(ValidationError, match="fewshot_path"):
+        TaskSpec(name="t", kind="kmmlu", path="k.csv", num_fewshot=5)

@@ -35,8 +35,8 @@ def files(tmp_path_factory):
         f.write("question,A,B,C,D,answer,Category\nwhat is 1+1?,2,3,4,5,1,x\nwhat is 2+2?,3,4,5,6,2,y\n")
     with open(d / "m.jsonl", "w") as f:
         for i in range(12):
-            f.write(json.dumps({"question": f"pick the right one, number {i}:", "choices": ["aa", "b", "cccc"], "answer": i % 3,
-                                "category": "ab"[i % 2]}) + "\n")
+            f.write(json.dumps({"question": f"pick the right one, number {i}:", "choices": ["aa", "b", "cccc"],
+                                "answer": i % 3, "category": "ab"[i % 2]}) + "\n")
     with open(d / "g.jsonl", "w") as f:
         for i in range(16):
             a, b = rng.randint(10, 99), rng.randint(10, 99)
@@ -99,7 +99,7 @@ def test_fast_path_equals_full_logits(tiny, files):
 def test_fewshot_prompt_uses_dev_items(tiny, files):
     _, tok = tiny
     spec = TaskSpec(name="k", kind="kmmlu", path=str(files / "k.csv"), num_fewshot=2,
-                    fewshot_path=str(files / "dev.csv"), target_delimiter="")
+                    fewshot_path=str(files / "dev.csv"), target_delimiter="", fewshot_order="file")
     ev = Evaluator([spec], tok, split="all", share_prefix=False)
     zero = Evaluator([TaskSpec(name="k", kind="kmmlu", path=str(files / "k.csv"), target_delimiter="")], tok,
                      split="all")
@@ -108,11 +108,29 @@ def test_fewshot_prompt_uses_dev_items(tiny, files):
     assert ev.tasks["k"].plan.n_tokens == zero.tasks["k"].plan.n_tokens + extra * 24
 
 
+def test_lm_eval_shots_do_not_depend_on_the_split(tiny, files, tmp_path):
+    """lm-eval order (the default): an item's shots are those of a run over the whole file, so a subset scores each
+    of its items exactly as the full run does (a stream drawn over the subset only would not)."""
+    model, tok = tiny
+    dev = tmp_path / "dev3.csv"
+    dev.write_text("question,A,B,C,D,answer,Category\n" + "".join(
+        f"what is {k}+{c}?,{k},{k + 1},{k + 2},{k + 3},{1 + k % 4},{cat}\n" for k in range(3) for c, cat in
+        enumerate("xyz")))
+    spec = TaskSpec(name="k", kind="kmmlu", path=str(files / "k.csv"), num_fewshot=2, fewshot_path=str(dev),
+                    per_category=3, seed=5)
+    full = Evaluator([spec], tok, split="all").evaluate(model, per_item=True).per_item["k"]
+    for split in ("search", "heldout"):
+        part = Evaluator([spec], tok, split=split).evaluate(model, per_item=True).per_item["k"]
+        assert len(part) == 9
+        for i, d in part.items():
+            assert d["loglik"] == pytest.approx(full[i]["loglik"], rel=1e-5)
+
+
 def test_shared_prefix_scores_equal_unshared(tiny, files):
     """k-shot blocks and multi-token choices run their common prefix once (KV cache reused): same numbers."""
     model, tok = tiny
     specs = [TaskSpec(name="k", kind="kmmlu", path=str(files / "k.csv"), num_fewshot=2,
-                      fewshot_path=str(files / "dev.csv")),
+                      fewshot_path=str(files / "dev.csv"), fewshot_order="file"),
              TaskSpec(name="m", kind="mcq", path=str(files / "m.jsonl"))]
     shared = Evaluator(specs, tok, split="all", batch_tokens=256)
     plain = Evaluator(specs, tok, split="all", batch_tokens=256, share_prefix=False)
@@ -145,7 +163,8 @@ def test_generation_stops_at_eos_and_scores_exact_match(files):
     """A model that always says '1', '2', EOS: exact match is 1 for gold '12' and decoding stops at EOS."""
     tok = char_tokenizer()
     model = random_model(tiny_config("llama", vocab_size=len(tok), num_layers=1), seed=1)
-    seq = {tok.convert_tokens_to_ids("1"): tok.convert_tokens_to_ids("2"), tok.convert_tokens_to_ids("2"): tok.eos_token_id}
+    seq = {tok.convert_tokens_to_ids("1"): tok.convert_tokens_to_ids("2"),
+           tok.convert_tokens_to_ids("2"): tok.eos_token_id}
 
     class Scripted(torch.nn.Module):  # wraps the real model, overriding its logits by the previous token
         def __init__(self, inner):
@@ -159,7 +178,8 @@ def test_generation_stops_at_eos_and_scores_exact_match(files):
             out.logits = torch.nn.functional.one_hot(nxt, len(tok)).float()[:, None, :] * 10
             return out
 
-    (files / "e.jsonl").write_text("".join(json.dumps({"prompt": p, "answer": "12"}) + "\n" for p in ["a", "bbb", "cc"]))
+    (files / "e.jsonl").write_text("".join(json.dumps({"prompt": p, "answer": "12"}) + "\n"
+                                           for p in ["a", "bbb", "cc"]))
     spec = TaskSpec(name="e", kind="generation", path=str(files / "e.jsonl"), max_new_tokens=20)
     res = Evaluator([spec], tok, split="all").evaluate(Scripted(model), per_item=True)
     assert res.metrics["e"]["exact_match"] == 1.0
@@ -217,7 +237,7 @@ def test_last_mlp_runs_only_at_scored_positions(tiny, files):
 
     model, tok = tiny
     specs = [TaskSpec(name="k", kind="kmmlu", path=str(files / "k.csv"), num_fewshot=2,
-                      fewshot_path=str(files / "dev.csv")),
+                      fewshot_path=str(files / "dev.csv"), fewshot_order="file"),
              TaskSpec(name="m", kind="mcq", path=str(files / "m.jsonl"))]
     ev = Evaluator(specs, tok, split="all", batch_tokens=256)
     mlp = last_mlp(model)

@@ -1,4 +1,7 @@
-"""Our scorer against lm-eval 0.4.x and transformers `generate`, on the real SmolLM2-135M-Instruct (GGUF)."""
+"""Our scorer against lm-eval 0.4.x and transformers `generate`, on the real SmolLM2-135M-Instruct (GGUF).
+
+Per-item log-likelihoods agree to float32 rounding, within conftest.PARITY_RTOL = 1e-5 relative (measured here:
+about 3e-6, see conftest); a different prompt moves them by far more (typically > 1e-2 relative)."""
 
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ import torch
 from evomerge.evaluate.evaluator import Evaluator
 from evomerge.evaluate.generate import cut_at_stop, extract_answer, normalize_answer, normalize_number
 from evomerge.evaluate.spec import TaskSpec
+
+from .conftest import compare_logliks
 
 DATA = Path(__file__).resolve().parents[2] / "evomerge" / "data" / "tasks"
 
@@ -46,16 +51,6 @@ metric_list:
 
 
 @pytest.fixture(scope="module")
-def smol(smollm2_gguf):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
-                                                 dtype=torch.float32).eval()
-    return model, tok
-
-
-@pytest.fixture(scope="module")
 def lm_eval_run(smol, tmp_path_factory):
     """Both tasks through lm-eval once (per-item log-likelihoods via log_samples)."""
     import lm_eval
@@ -85,14 +80,6 @@ def _lm_eval_lls(out, task):
     return by_doc
 
 
-def _compare(ours: dict, theirs: dict):
-    assert set(ours) == set(theirs)
-    for item_id, lls in theirs.items():
-        mine = torch.tensor(ours[item_id]["loglik"], dtype=torch.float64)
-        ref = torch.tensor(lls, dtype=torch.float64)
-        assert torch.allclose(mine, ref, rtol=1e-3, atol=1e-5), (item_id, mine, ref)
-
-
 def test_kmmlu_matches_lm_eval(smol, lm_eval_run):
     model, tok = smol
     out, d = lm_eval_run
@@ -100,7 +87,8 @@ def test_kmmlu_matches_lm_eval(smol, lm_eval_run):
     spec = TaskSpec(name="k", kind="kmmlu", path=str(DATA / "kmmlu_ko_demo.csv"))
     res = Evaluator([spec], tok, split="all", batch_tokens=2048).evaluate(model, per_item=True)
     assert len(res.per_item["k"]) == 40
-    _compare(res.per_item["k"], _lm_eval_lls(out, "kmmlu_local"))
+    worst = compare_logliks(res.per_item["k"], _lm_eval_lls(out, "kmmlu_local"))
+    print(f"kmmlu 0-shot: max relative difference {worst:.2e}")
     assert res.metrics["k"]["acc"] == pytest.approx(out["results"]["kmmlu_local"]["acc,none"], abs=1e-9)
 
 
@@ -109,7 +97,8 @@ def test_choice_text_mcq_matches_lm_eval(smol, lm_eval_run):
     out, _ = lm_eval_run
     spec = TaskSpec(name="m", kind="mcq", path=str(DATA / "mcq_demo.jsonl"))
     res = Evaluator([spec], tok, split="all", batch_tokens=512).evaluate(model, per_item=True)
-    _compare(res.per_item["m"], _lm_eval_lls(out, "mcq_local"))
+    worst = compare_logliks(res.per_item["m"], _lm_eval_lls(out, "mcq_local"))
+    print(f"mcq 0-shot: max relative difference {worst:.2e}")
     r = out["results"]["mcq_local"]
     assert res.metrics["m"]["acc"] == pytest.approx(r["acc,none"], abs=1e-9)
     assert res.metrics["m"]["acc_norm"] == pytest.approx(r["acc_norm,none"], abs=1e-9)
@@ -135,3 +124,4 @@ def test_generation_matches_plain_generate_loop(smol):
         correct.append(pred == normalize_answer(row["answer"]))
     assert res.metrics["g"]["exact_match"] == pytest.approx(sum(correct) / len(correct))
     assert 0 < sum(correct) < len(correct)  # a non-trivial comparison: some right, some wrong
+

@@ -1,9 +1,11 @@
 """`kind: lm_eval` end to end: a local task YAML scored through our Evaluator on the in-memory model equals
-`lm_eval.simple_evaluate` run directly on the same model and docs, for multiple_choice and generate_until."""
+`lm_eval.simple_evaluate` run directly on the same model and docs, for multiple_choice and generate_until, with
+few-shot examples, and for a group YAML (lm-eval's own aggregation); and lm-eval prints nothing per candidate."""
 
 from __future__ import annotations
 
 import json
+import logging
 import random
 
 import pytest
@@ -45,15 +47,36 @@ metric_list:
 """
 
 
+GROUP_YAML = """group: {name}
+task:
+  - tiny_mc
+  - tiny_mc_small
+aggregate_metric_list:
+  - metric: acc
+    weight_by_size: {weighted}
+  - metric: acc_norm
+    weight_by_size: {weighted}
+"""
+
+
+def _mc_rows(rng, n):
+    rows = []
+    for i in range(n):
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        ch = [str(a + b + k) for k in rng.sample(range(-2, 3), 3)] + ["ab" * (i % 3 + 1)]
+        rows.append({"question": f"{a}+{b}=", "choices": ch, "answer": i % 4})
+    return rows
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("lmeval_local")
     rng = random.Random(1)
-    with open(d / "mc.jsonl", "w") as f:
-        for i in range(30):
-            a, b = rng.randint(1, 9), rng.randint(1, 9)
-            ch = [str(a + b + k) for k in rng.sample(range(-2, 3), 3)] + ["ab" * (i % 3 + 1)]
-            f.write(json.dumps({"question": f"{a}+{b}=", "choices": ch, "answer": i % 4}) + "\n")
+    _write_jsonl(d / "mc.jsonl", _mc_rows(rng, 30))
     tok = char_tokenizer()
     model = random_model(tiny_config("llama", vocab_size=len(tok)), seed=3)
     # gold answers: half are what the model itself generates (greedy, until "\n" / "="), so exact_match is
@@ -70,10 +93,19 @@ def setup(tmp_path_factory):
             f.write(json.dumps({"prompt": p, "answer": g}) + "\n")
     (d / "mc.yaml").write_text(MC_YAML.format(path=d / "mc.jsonl"))
     (d / "gen.yaml").write_text(GEN_YAML.format(path=d / "gen.jsonl"))
+    # a second, smaller task (a group's sizes differ: micro != macro), and one with a dev split for few-shot
+    _write_jsonl(d / "mc_small.jsonl", _mc_rows(rng, 10))
+    (d / "mc_small.yaml").write_text(MC_YAML.format(path=d / "mc_small.jsonl").replace("tiny_mc", "tiny_mc_small"))
+    _write_jsonl(d / "mc_dev.jsonl", _mc_rows(rng, 6))
+    (d / "mc_fs.yaml").write_text(MC_YAML.format(path=d / "mc.jsonl").replace("tiny_mc", "tiny_mc_fs")
+                                  .replace("test_split: test", "test_split: test\nfewshot_split: dev")
+                                  .replace("    test:", f"    dev: {d / 'mc_dev.jsonl'}\n    test:"))
+    for name, weighted in (("tiny_macro", "false"), ("tiny_micro", "true")):  # group YAMLs: no task name
+        (d / f"{name}.yaml").write_text(GROUP_YAML.format(name=name, weighted=weighted))
     return d, model, tok
 
 
-def _direct(model, tok, d, name, ids):
+def _simple_evaluate(model, tok, d, name, samples, **kw):
     """lm-eval run the plain way on the same in-memory model and docs."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
@@ -81,8 +113,12 @@ def _direct(model, tok, d, name, ids):
 
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=4)
     tm = TaskManager(include_path=str(d), include_defaults=False)
-    out = lm_eval.simple_evaluate(model=lm, tasks=[name], task_manager=tm, samples={name: sorted(ids)},
-                                  bootstrap_iters=0, log_samples=True)
+    return lm_eval.simple_evaluate(model=lm, tasks=[name], task_manager=tm, samples=samples, bootstrap_iters=0,
+                                   log_samples=True, **kw)
+
+
+def _direct(model, tok, d, name, ids, **kw):
+    out = _simple_evaluate(model, tok, d, name, {name: sorted(ids)}, **kw)
     return out["results"][name], {str(s["doc_id"]): s for s in out["samples"][name]}
 
 
@@ -141,3 +177,74 @@ def test_yaml_errors(setup, tmp_path):
     (tmp_path / "bad.yaml").write_text("dataset_path: json\n")
     with pytest.raises(ConfigError, match="no `task:` name"):
         Evaluator([TaskSpec(name="t", kind="lm_eval", lm_eval_yaml=str(tmp_path / "bad.yaml"))], tok)
+
+
+def test_fewshot_equals_simple_evaluate(setup):
+    """num_fewshot on a task with a dev split: lm-eval's sampler, seeded as simple_evaluate seeds it, per call."""
+    d, model, tok = setup
+    spec = TaskSpec(name="t", kind="lm_eval", lm_eval_yaml=str(d / "mc_fs.yaml"), n_search=10, seed=4, num_fewshot=3)
+    ev = Evaluator([spec], tok, split="search")
+    ids = ev.split_ids()["t"]
+    r1, r2 = ev.evaluate(model, per_item=True), ev.evaluate(model, per_item=True)
+    assert r1.per_item == r2.per_item
+    ref, samples = _direct(model, tok, d, "tiny_mc_fs", [int(i) for i in ids], num_fewshot=3)
+    zero = Evaluator([spec.model_copy(update={"num_fewshot": 0})], tok, split="search").evaluate(model, per_item=True)
+    for i in ids:
+        _same_resps(r1.per_item["t"][i]["resps"], samples[i]["filtered_resps"])
+        assert r1.per_item["t"][i]["resps"] != zero.per_item["t"][i]["resps"]  # the shots are really there
+    assert r1.metrics["t"]["acc"] == pytest.approx(ref["acc,none"], abs=1e-12)
+
+
+@pytest.mark.parametrize("group,weighted", [("tiny_macro", False), ("tiny_micro", True)])
+def test_group_yaml_scores_subtasks_and_aggregates_as_lm_eval(setup, group, weighted):
+    """A group YAML (`group:` + `task:` list, no task name): every subtask scored on its stratified share of the
+    split, the group's metrics as lm-eval aggregates them (weight_by_size: micro; else the mean of subtasks)."""
+    d, model, tok = setup
+    spec = TaskSpec(name="g", kind="lm_eval", lm_eval_yaml=str(d / f"{group}.yaml"), n_search=16, seed=1)
+    ev = Evaluator([spec], tok, split="search")
+    res = ev.evaluate(model, per_item=True)
+    ids = ev.split_ids()["g"]
+    tasks = ("tiny_mc", "tiny_mc_small")
+    samples = {t: sorted(int(i.split("/")[1]) for i in ids if i.split("/")[0] == t) for t in tasks}
+    assert [len(samples[t]) for t in tasks] == [12, 4] and set(res.per_item["g"]) == set(ids)
+    out = _simple_evaluate(model, tok, d, group, samples)
+    m = res.metrics["g"]
+    for metric in ("acc", "acc_norm"):
+        per_task = [out["results"][t][f"{metric},none"] for t in tasks]
+        micro = (per_task[0] * 12 + per_task[1] * 4) / 16
+        macro = sum(per_task) / 2
+        assert abs(micro - macro) > 1e-3  # the two rules really differ here
+        assert m[metric] == pytest.approx(out["results"][group][f"{metric},none"], abs=1e-12)
+        assert m[metric] == pytest.approx(micro if weighted else macro, abs=1e-12)
+        for t, v in zip(tasks, per_task):
+            assert m[f"{t}/{metric}"] == pytest.approx(v, abs=1e-12)
+    for t in tasks:
+        for s in out["samples"][t]:
+            _same_resps(res.per_item["g"][f"{t}/{s['doc_id']}"]["resps"], s["filtered_resps"])
+
+
+def test_lm_eval_prints_nothing_per_candidate(setup, capfd):
+    """Building the task and scoring candidates (each a new model object: a new HFLM) emits no lm-eval log record
+    and writes nothing to stdout / stderr (no progress bars), even with lm-eval's loggers at DEBUG."""
+    d, model, tok = setup
+    records: list[logging.LogRecord] = []
+    catch = logging.Handler(logging.DEBUG)
+    catch.emit = records.append  # type: ignore[method-assign]
+    lm_logger = logging.getLogger("lm_eval")
+    level = lm_logger.level
+    lm_logger.addHandler(catch)
+    lm_logger.setLevel(logging.DEBUG)
+    try:
+        capfd.readouterr()
+        spec = TaskSpec(name="t", kind="lm_eval", lm_eval_yaml=str(d / "mc_fs.yaml"), n_search=6, num_fewshot=2)
+        ev = Evaluator([spec], tok, split="search")
+        other = random_model(tiny_config("llama", vocab_size=len(tok)), seed=5)
+        for candidate in (model, other, model):
+            ev.evaluate(candidate)
+        out, err = capfd.readouterr()
+    finally:
+        lm_logger.removeHandler(catch)
+        lm_logger.setLevel(level)
+    assert (out, err) == ("", "")
+    assert [r.getMessage() for r in records] == []
+    assert lm_logger.level == level  # restored

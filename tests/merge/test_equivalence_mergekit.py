@@ -1,5 +1,6 @@
 """Whole-model equivalence with mergekit 0.1.5: the same recipe through `evomerge.merge.materialize.materialize` and
-mergekit's `run_merge` gives the same tensors (float32: <= 1e-6 abs; bfloat16: <= 1 ulp)."""
+mergekit's `run_merge` gives the same tensors (float32: <= 1e-6 abs; bfloat16: <= 1 ulp; the methods mergekit 0.1.5
+added, measured bit-equal in both, are held to bit equality)."""
 
 from __future__ import annotations
 
@@ -80,7 +81,69 @@ RECIPES = {
                                                    {"filter": "down_proj", "value": 0.8}, {"value": 1.0}]}}]},
         ],
     },
+    # mergekit 0.1.5's other methods, with gradients and filters on their parameters
+    "nuslerp_base": {
+        "merge_method": "nuslerp",
+        "base_model": "base",
+        "models": [{"model": "a", "parameters": {"weight": [0.3, 0.8]}},
+                   {"model": "b", "parameters": {"weight": [{"filter": "mlp", "value": 0.6}, {"value": 0.4}]}}],
+    },
+    "arcee_fusion": {
+        "merge_method": "arcee_fusion",
+        "base_model": "base",
+        "models": [{"model": "base"}, {"model": "a"}],
+    },
+    "karcher": {
+        "merge_method": "karcher",
+        "models": [{"model": "a"}, {"model": "b"}, {"model": "c"}],
+        "parameters": {"max_iter": [{"filter": "self_attn", "value": 2}, {"value": 10}], "tol": 1e-6},
+    },
+    "karcher_base": {  # the base is one more model, in mergekit as here
+        "merge_method": "karcher",
+        "base_model": "base",
+        "models": [{"model": "a"}, {"model": "b"}],
+    },
+    "multislerp": {
+        "merge_method": "multislerp",
+        "models": [{"model": "a", "parameters": {"weight": [0.2, 0.9]}},
+                   {"model": "b", "parameters": {"weight": [{"filter": "self_attn", "value": 0.5}, {"value": 0.3}]}},
+                   {"model": "c", "parameters": {"weight": 0.4}}],
+    },
+    "multislerp_base": {  # two models: bf16 norms have zero task vectors, where 3+ models raise (in mergekit too)
+        "merge_method": "multislerp",
+        "base_model": "base",
+        "models": [{"model": "a", "parameters": {"weight": [0.2, 0.9]}}, {"model": "b", "parameters": {"weight": 0.5}}],
+        "parameters": {"normalize_weights": False},
+    },
+    "nearswap": {
+        "merge_method": "nearswap",
+        "base_model": "base",
+        "models": [{"model": "a"}],
+        "parameters": {"t": [{"filter": "mlp", "value": [1e-4, 6e-4]}, {"value": 3e-4}]},
+    },
+    "sce": {
+        "merge_method": "sce",
+        "base_model": "base",
+        "models": [{"model": "a"}, {"model": "b"}, {"model": "c"}],
+        "parameters": {"select_topk": [{"filter": "self_attn", "value": [0.3, 0.9]}, {"value": 0.6}]},
+    },
+    "ram": {  # deltas here are ~4e-4: epsilon near it splits unique from shared changes
+        "merge_method": "ram",
+        "base_model": "base",
+        "models": [{"model": "a"}, {"model": "b"}, {"model": "c"}],
+        "parameters": {"epsilon": [{"filter": "mlp", "value": [2e-4, 6e-4]}, {"value": 4e-4}]},
+    },
+    "ramplus_tl": {
+        "merge_method": "ramplus_tl",
+        "base_model": "base",
+        "models": [{"model": "a"}, {"model": "b"}, {"model": "c"}],
+        "parameters": {"r": [0.5, 2.0], "alpha": [{"filter": "self_attn", "value": 0.3}, {"value": 0.8}],
+                       "epsilon": 4e-4},
+    },
 }
+NEW_METHODS = ["arcee_fusion", "karcher", "karcher_base", "multislerp", "multislerp_base", "nearswap", "sce", "ram",
+               "ramplus_tl", "nuslerp_base"]
+FLOAT32_KERNELS = ("arcee_fusion", "ramplus_tl")  # mergekit writes float32 for half inputs unless out_dtype is set
 
 
 def _bind(recipe: dict, paths: dict) -> dict:
@@ -125,11 +188,13 @@ def _ulp(x: torch.Tensor) -> torch.Tensor:
     return torch.pow(2.0, torch.floor(torch.log2(x)) - 7)
 
 
-def _assert_same(ours: dict, theirs: dict, dtype: str):
+def _assert_same(ours: dict, theirs: dict, dtype: str, exact: bool = False):
     assert set(ours) == set(theirs), set(ours) ^ set(theirs)
     for name in theirs:
         a, b = ours[name], theirs[name]
         assert a.shape == b.shape, name
+        if exact:  # measured bit-equal: hold them to it
+            assert a.dtype == b.dtype and torch.equal(a, b), name
         if dtype == "float32":
             diff = (a.float() - b.float()).abs().max().item()
             assert diff <= 1e-6, f"{name}: max abs diff {diff}"
@@ -146,16 +211,30 @@ def test_equals_mergekit_float32(method, family, request, tmp_path):
     recipe = _bind(RECIPES[method] | {"dtype": "float32"}, paths)
     theirs = _mergekit(recipe, tmp_path / "mk")
     materialize(Recipe.from_dict(recipe), tmp_path / "ours", progress=False, copy_tokenizer=False)
-    _assert_same(_read_dir(tmp_path / "ours"), theirs, "float32")
+    _assert_same(_read_dir(tmp_path / "ours"), theirs, "float32", exact=method in NEW_METHODS)
     cfg = json.loads((tmp_path / "ours" / "config.json").read_text())
     n_layers = 1 + max(int(k.split(".")[2]) for k in theirs if k.startswith("model.layers."))
     assert cfg["num_hidden_layers"] == n_layers
     assert len(cfg.get("layer_types", [None] * n_layers)) == n_layers
 
 
-@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "slerp", "passthrough"])
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "slerp", "passthrough"] + NEW_METHODS)
 def test_equals_mergekit_bfloat16(method, llama_family, tmp_path):
-    recipe = _bind(RECIPES[method] | {"dtype": "bfloat16"}, llama_family)
+    out = {"out_dtype": "bfloat16"} if method in FLOAT32_KERNELS else {}
+    recipe = _bind(RECIPES[method] | {"dtype": "bfloat16"} | out, llama_family)
     theirs = _mergekit(recipe, tmp_path / "mk")
     materialize(Recipe.from_dict(recipe), tmp_path / "ours", progress=False, copy_tokenizer=False)
-    _assert_same(_read_dir(tmp_path / "ours"), theirs, "bfloat16")
+    _assert_same(_read_dir(tmp_path / "ours"), theirs, "bfloat16", exact=method in NEW_METHODS)
+
+
+@pytest.mark.parametrize("method", FLOAT32_KERNELS)
+def test_float32_kernels_in_bfloat16_are_mergekits_rounded(method, llama_family, tmp_path):
+    """Without out_dtype mergekit writes these kernels' float32 results; evomerge writes the recipe's dtype:
+    exactly mergekit's tensors rounded to bfloat16 (documented in methods_selective)."""
+    recipe = _bind(RECIPES[method] | {"dtype": "bfloat16"}, llama_family)
+    theirs = _mergekit(recipe, tmp_path / "mk")
+    assert {t.dtype for n, t in theirs.items() if "layers" in n} == {torch.float32}
+    materialize(Recipe.from_dict(recipe), tmp_path / "ours", progress=False, copy_tokenizer=False)
+    ours = _read_dir(tmp_path / "ours")
+    for name, ref in theirs.items():
+        assert ours[name].dtype == torch.bfloat16 and torch.equal(ours[name], ref.to(torch.bfloat16)), name

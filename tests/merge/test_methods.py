@@ -311,7 +311,7 @@ def test_every_method_runs_through_merge_tensor():
     for name, spec in METHODS.items():
         n = spec.max_models or 3
         params = {"weight": [0.5] * n} if "weight" in spec.per_model_params else {}
-        if name == "slerp":
+        if name in ("slerp", "nearswap"):
             params = {"t": 0.5}
         if name.startswith("della"):
             params["density"] = 0.5

@@ -1,4 +1,5 @@
-"""Bit-for-bit equivalence of ``evomerge.merge.more_methods`` with mergekit 0.1.5.
+"""Bit-for-bit equivalence of ``evomerge.merge.methods_selective`` / ``methods_spherical`` (and their registry
+rows and adapters) with mergekit 0.1.5.
 
 mergekit is called through its own merge-method objects
 (``mergekit.merge_methods.registry.get(name)([group], parameters=...)``, which align
@@ -19,7 +20,12 @@ from mergekit.merge_methods.karcher import karcher_merge_tensors as mk_karcher_t
 from mergekit.merge_methods.sce import sce_mask as mk_sce_mask
 from mergekit.merge_methods.sce import sce_weight as mk_sce_weight
 
-from evomerge.merge import more_methods as X
+from evomerge.merge import methods_selective as S
+from evomerge.merge import methods_spherical as P
+from evomerge.merge.registry import METHODS, resolve_params
+
+NEW = ["arcee_fusion", "karcher", "multislerp", "nearswap", "sce", "ram", "ramplus_tl"]
+ADAPTERS = {name: METHODS[name].fn for name in NEW}
 
 # 1-D norm, 2-D projection, embedding-like (vocab rows x hidden); >1M elements only
 # where size changes the maths (arcee_fusion's sampled quantiles).
@@ -98,13 +104,13 @@ def assert_bits(ours: torch.Tensor, ref: torch.Tensor):
 def test_arcee_fusion(shape, dtype):
     base, models = make_inputs(shape, dtype, n=1, scale=0.3)
     ref = mergekit("arcee_fusion", base, models, {})
-    ours = X.arcee_fusion(base, models[0])
+    ours = S.arcee_fusion(base, models[0])
     assert_bits(ours, ref)
     assert ours.dtype == torch.float32  # mergekit's float32 mask promotes bf16 results
     # the mask is neither empty nor full: both branches of the threshold are exercised
     assert not torch.equal(ours, base.float()) and not torch.equal(ours, models[0].float())
     # the adapter keeps the inputs' dtype = mergekit with out_dtype set
-    adapted = X.MORE_ADAPTERS["arcee_fusion"](base, models, {}, None)
+    adapted = ADAPTERS["arcee_fusion"](base, models, {}, None)
     assert_bits(adapted, mergekit("arcee_fusion", base, models, {}, out_dtype=dtype))
 
 
@@ -114,14 +120,14 @@ def test_arcee_fusion_constant_importance_keeps_everything(dtype):
     base = torch.zeros(64, dtype=dtype)
     model = (torch.arange(64) % 2 * 2 - 1).to(dtype) * 0.5  # |diff| constant, KL > 0 (one row)
     ref = mergekit("arcee_fusion", base, [model], {})
-    assert_bits(X.arcee_fusion(base, model), ref)
+    assert_bits(S.arcee_fusion(base, model), ref)
     assert torch.equal(ref, model.float())
 
 
 def test_arcee_fusion_identical_models_give_base():
     base, _ = make_inputs((16, 8), torch.float32, n=1)
     ref = mergekit("arcee_fusion", base, [base.clone()], {})
-    assert_bits(X.arcee_fusion(base, base.clone()), ref)
+    assert_bits(S.arcee_fusion(base, base.clone()), ref)
     assert torch.equal(ref, base)
 
 
@@ -134,11 +140,11 @@ def test_arcee_fusion_sampled_quantiles_follow_the_seed(dtype):
         torch.manual_seed(7)
         ref = mergekit("arcee_fusion", base, models, {})
         torch.manual_seed(7)
-        global_draw = X.arcee_fusion(base, models[0])
-    assert_bits(X.arcee_fusion(base, models[0], generator=_gen(7)), ref)
+        global_draw = S.arcee_fusion(base, models[0])
+    assert_bits(S.arcee_fusion(base, models[0], generator=_gen(7)), ref)
     assert_bits(global_draw, ref)
     if dtype == torch.float32:
-        assert not torch.equal(X.arcee_fusion(base, models[0], generator=_gen(8)), ref)
+        assert not torch.equal(S.arcee_fusion(base, models[0], generator=_gen(8)), ref)
 
 
 # -------------------------------------------------------------------------- karcher
@@ -148,8 +154,8 @@ def test_karcher_defaults(shape, dtype):
     for n in (2, 3, 4):
         models = diverse_inputs(shape, dtype, n=n, seed=n)
         ref = mergekit("karcher", None, models, {})
-        assert_bits(X.karcher(models), ref)
-        assert_bits(X.MORE_ADAPTERS["karcher"](None, models, {"max_iter": 10, "tol": 1e-5}, None), ref)
+        assert_bits(P.karcher(models), ref)
+        assert_bits(ADAPTERS["karcher"](None, models, {"max_iter": 10, "tol": 1e-5}, None), ref)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -160,7 +166,7 @@ def test_karcher_iterations_and_tolerance(dtype):
         for tol in (0.0, 1e-5, 1e-3, 0.5):
             params = {"max_iter": max_iter, "tol": tol}
             ref = mergekit("karcher", None, models, params)
-            ours = X.karcher(models, max_iter=max_iter, tol=tol)
+            ours = P.karcher(models, max_iter=max_iter, tol=tol)
             assert_bits(ours, ref)
             seen[(max_iter, tol)] = ours
     # the steps and the early stop do change the bits (so the sweep is not vacuous)
@@ -184,10 +190,10 @@ def test_karcher_degenerate_inputs(dtype):
     for tensors in cases:
         for tol in (1e-5, 1e-3):
             ref = mergekit("karcher", None, tensors, {"tol": tol})
-            assert_bits(X.karcher(tensors, tol=tol), ref)
-    assert torch.equal(X.karcher([zero, zero]), zero)
+            assert_bits(P.karcher(tensors, tol=tol), ref)
+    assert torch.equal(P.karcher([zero, zero]), zero)
     # one tensor comes back unchanged
-    assert X.karcher([x]) is x and torch.equal(mergekit("karcher", None, [x], {}), x)
+    assert P.karcher([x]) is x and torch.equal(mergekit("karcher", None, [x], {}), x)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -199,7 +205,7 @@ def test_karcher_weighted_alphas(dtype):
         tensors = [t.to(dtype) for t in tensors]
         for max_iter in (0, 3, 10):
             ref = mk_karcher_tensors(tensors, alphas, max_iter=max_iter, tol=1e-5)
-            assert_bits(X.karcher(tensors, alphas, max_iter=max_iter), ref)
+            assert_bits(P.karcher(tensors, alphas, max_iter=max_iter), ref)
 
 
 # ------------------------------------------------------------------------ multislerp
@@ -213,12 +219,12 @@ def test_multislerp(shape, dtype, with_base):
         for normalize in (True, False):
             params = {"weight": weights, "normalize_weights": normalize}
             ref = mergekit("multislerp", base_arg, models, params)
-            assert_bits(X.multislerp(base_arg, models, weights, normalize_weights=normalize), ref)
-            adapted = X.MORE_ADAPTERS["multislerp"](base_arg, models, {**params, "eps": 1e-8}, None)
+            assert_bits(P.multislerp(base_arg, models, weights, normalize_weights=normalize), ref)
+            adapted = ADAPTERS["multislerp"](base_arg, models, {**params, "eps": 1e-8}, None)
             assert_bits(adapted, ref)
     # normalizing matters when the weights do not sum to one
-    assert not torch.equal(X.multislerp(base_arg, models, [0.2, 0.5, 0.7]),
-                           X.multislerp(base_arg, models, [0.2, 0.5, 0.7], normalize_weights=False))
+    assert not torch.equal(P.multislerp(base_arg, models, [0.2, 0.5, 0.7]),
+                           P.multislerp(base_arg, models, [0.2, 0.5, 0.7], normalize_weights=False))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -229,11 +235,11 @@ def test_multislerp_model_counts_and_eps(dtype):
             for b in (base, None):
                 params = {"weight": weights, "eps": eps}
                 ref = mergekit("multislerp", b, models[:n], params)
-                assert_bits(X.multislerp(b, models[:n], weights, eps=eps), ref)
+                assert_bits(P.multislerp(b, models[:n], weights, eps=eps), ref)
     # one model: returned as is, with or without a base (mergekit ignores the base then)
     for b in (base, None):
         ref = mergekit("multislerp", b, models[:1], {"weight": [0.4]})
-        assert_bits(X.multislerp(b, models[:1], [0.4]), ref)
+        assert_bits(P.multislerp(b, models[:1], [0.4]), ref)
         assert torch.equal(ref, models[0])
 
 
@@ -243,15 +249,15 @@ def test_multislerp_antipodal_and_zero_weight_sum(dtype):
     # two antipodal task vectors, equal weights: linear fallback (+ base)
     for b, pair in ((base, [base + (x - base), base - (x - base)]), (None, [x, -x])):
         ref = mergekit("multislerp", b, pair, {"weight": [0.5, 0.5]})
-        assert_bits(X.multislerp(b, pair, [0.5, 0.5]), ref)
+        assert_bits(P.multislerp(b, pair, [0.5, 0.5]), ref)
     # three inputs that cancel: both refuse
     with pytest.raises(ValueError):
         mergekit("multislerp", None, [x, -x, y], {"weight": [0.5, 0.5, 0.0]})
     with pytest.raises(ValueError, match="zero"):
-        X.multislerp(None, [x, -x, y], [0.5, 0.5, 0.0])
+        P.multislerp(None, [x, -x, y], [0.5, 0.5, 0.0])
     # weights summing to zero with normalize_weights: inf/NaN exactly like mergekit
     ref = mergekit("multislerp", base, [x, y], {"weight": [1.0, -1.0]})
-    ours = X.multislerp(base, [x, y], [1.0, -1.0])
+    ours = P.multislerp(base, [x, y], [1.0, -1.0])
     assert not torch.isfinite(ref).all()
     assert_bits(ours, ref)
 
@@ -265,12 +271,12 @@ def test_nearswap(shape, dtype):
     model = models[0]
     for t in (0.0, 1e-9, 1e-4, 0.01, 0.05, 1.0, 1e3, -0.5):
         ref = mergekit("nearswap", base, [model], {"t": t})
-        assert_bits(X.nearswap(base, model, t), ref)
-        assert_bits(X.MORE_ADAPTERS["nearswap"](base, [model], {"t": t}, None), ref)
-    mixed = X.nearswap(base, model, 0.02)
+        assert_bits(S.nearswap(base, model, t), ref)
+        assert_bits(ADAPTERS["nearswap"](base, [model], {"t": t}, None), ref)
+    mixed = S.nearswap(base, model, 0.02)
     assert not torch.equal(mixed, base) and not torch.equal(mixed, model)
-    assert torch.equal(X.nearswap(base, model, 0.0), base)
-    assert torch.equal(X.nearswap(base, model, 1e3), model)
+    assert torch.equal(S.nearswap(base, model, 0.0), base)
+    assert torch.equal(S.nearswap(base, model, 1e3), model)
 
 
 # ------------------------------------------------------------------------------- sce
@@ -284,9 +290,9 @@ def test_sce(shape, dtype):
         for int8_mask in (False, True):
             params = {"select_topk": select_topk, "int8_mask": int8_mask}
             ref = mergekit("sce", base, models, params)
-            ours = X.sce(base, models, select_topk=select_topk, int8_mask=int8_mask)
+            ours = S.sce(base, models, select_topk=select_topk, int8_mask=int8_mask)
             assert_bits(ours, ref)
-            assert_bits(X.MORE_ADAPTERS["sce"](base, models, params, None), ref)
+            assert_bits(ADAPTERS["sce"](base, models, params, None), ref)
             results[(select_topk, int8_mask)] = ours
         assert torch.equal(results[(select_topk, False)], results[(select_topk, True)])  # int8_mask: memory only
     assert not torch.equal(results[(0.5, False)], results[(1.0, False)])
@@ -300,12 +306,12 @@ def test_sce_model_counts(dtype):
     for n in (1, 2, 4):
         for select_topk in (1.0, 0.3):
             ref = mergekit("sce", base, models[:n], {"select_topk": select_topk})
-            assert_bits(X.sce(base, models[:n], select_topk=select_topk), ref)
+            assert_bits(S.sce(base, models[:n], select_topk=select_topk), ref)
     # no models besides the base: the base (mergekit's contract allows it)
-    assert_bits(X.sce(base, []), mergekit("sce", base, [], {}))
+    assert_bits(S.sce(base, []), mergekit("sce", base, [], {}))
     # every model equals the base: zero weights -> uniform, zero task vector
     same = [base.clone(), base.clone()]
-    assert_bits(X.sce(base, same), mergekit("sce", base, same, {}))
+    assert_bits(S.sce(base, same), mergekit("sce", base, same, {}))
 
 
 def test_sce_topk_count_is_a_float32_product():
@@ -314,24 +320,24 @@ def test_sce_topk_count_is_a_float32_product():
     base = torch.zeros(10, 10)
     models = [base + torch.randn(10, 10, generator=_gen(i)) for i in range(2)]
     tvs = torch.stack([m - base for m in models])
-    mask = X.sce_mask(tvs, 0.57)
+    mask = S.sce_mask(tvs, 0.57)
     assert int(mask.sum()) == 57 and int(100 * 0.57) == 56
     assert_bits(mask, mk_sce_mask(tvs, 0.57))
-    assert_bits(X.sce(base, models, select_topk=0.57), mergekit("sce", base, models, {"select_topk": 0.57}))
+    assert_bits(S.sce(base, models, select_topk=0.57), mergekit("sce", base, models, {"select_topk": 0.57}))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_sce_helpers(dtype):
     base, models = make_inputs((24, 40), dtype, n=3, same_every=3)
     tvs = torch.stack([m - base for m in models])
-    assert_bits(X.sce_weight(tvs), mk_sce_weight(tvs))
-    assert_bits(X.sce_weight(torch.zeros_like(tvs)), mk_sce_weight(torch.zeros_like(tvs)))
+    assert_bits(S.sce_weight(tvs), mk_sce_weight(tvs))
+    assert_bits(S.sce_weight(torch.zeros_like(tvs)), mk_sce_weight(torch.zeros_like(tvs)))
     for density in (0.0, 0.05, 0.5, 0.99, 1.0):
         for mask_dtype in (None, torch.int8, dtype):
-            assert_bits(X.sce_mask(tvs, density, mask_dtype), mk_sce_mask(tvs, density, mask_dtype))
+            assert_bits(S.sce_mask(tvs, density, mask_dtype), mk_sce_mask(tvs, density, mask_dtype))
     # only nonzero-variance elements count: 1/3 of the elements have zero variance
     nonzero = int(torch.count_nonzero(torch.var(tvs, dim=0, unbiased=False)))
-    assert nonzero < tvs[0].numel() and int(X.sce_mask(tvs, 0.5).sum()) == int(nonzero * torch.tensor(0.5))
+    assert nonzero < tvs[0].numel() and int(S.sce_mask(tvs, 0.5).sum()) == int(nonzero * torch.tensor(0.5))
 
 
 # ------------------------------------------------------------------------------- ram
@@ -348,11 +354,11 @@ def test_ram(shape, dtype):
     for epsilon in (0.0, 1e-5, 0.02, 1.0):
         for n in (1, 2, 3):
             ref = mergekit("ram", base, models[:n], {"epsilon": epsilon})
-            assert_bits(X.ram(base, models[:n], epsilon=epsilon), ref)
-            assert_bits(X.MORE_ADAPTERS["ram"](base, models[:n], {"epsilon": epsilon}, None), ref)
-    assert not torch.equal(X.ram(base, models, epsilon=1e-5), X.ram(base, models, epsilon=0.02))
-    assert torch.equal(X.ram(base, models, epsilon=1e3), base)
-    assert_bits(X.ram(base, []), mergekit("ram", base, [], {}))
+            assert_bits(S.ram(base, models[:n], epsilon=epsilon), ref)
+            assert_bits(ADAPTERS["ram"](base, models[:n], {"epsilon": epsilon}, None), ref)
+    assert not torch.equal(S.ram(base, models, epsilon=1e-5), S.ram(base, models, epsilon=0.02))
+    assert torch.equal(S.ram(base, models, epsilon=1e3), base)
+    assert_bits(S.ram(base, []), mergekit("ram", base, [], {}))
 
 
 # ------------------------------------------------------------------------ ramplus_tl
@@ -367,18 +373,18 @@ def test_ramplus_tl(shape, dtype):
             for n in (1, 3, 4):
                 params = {"r": r, "alpha": alpha, "epsilon": epsilon}
                 ref = mergekit("ramplus_tl", base, models[:n], params)
-                ours = X.ramplus_tl(base, models[:n], r=r, alpha=alpha, epsilon=epsilon)
+                ours = S.ramplus_tl(base, models[:n], r=r, alpha=alpha, epsilon=epsilon)
                 assert_bits(ours, ref)
-                adapted = X.MORE_ADAPTERS["ramplus_tl"](base, models[:n], params, None)
+                adapted = ADAPTERS["ramplus_tl"](base, models[:n], params, None)
                 assert_bits(adapted, mergekit("ramplus_tl", base, models[:n], params, out_dtype=dtype))
-    assert X.ramplus_tl(base, models).dtype == torch.float32  # mergekit's float32 lambda
+    assert S.ramplus_tl(base, models).dtype == torch.float32  # mergekit's float32 lambda
     # r and alpha change the bits
-    default = X.ramplus_tl(base, models[:3])
-    assert not torch.equal(default, X.ramplus_tl(base, models[:3], r=1.0, alpha=5.0))
-    assert not torch.equal(default, X.ramplus_tl(base, models[:3], alpha=0.5))
+    default = S.ramplus_tl(base, models[:3])
+    assert not torch.equal(default, S.ramplus_tl(base, models[:3], r=1.0, alpha=5.0))
+    assert not torch.equal(default, S.ramplus_tl(base, models[:3], alpha=0.5))
     if dtype == torch.float32:  # r = 0: lambda is exactly 1 (bf16: ram sums in bf16, ramplus_tl in float32)
-        assert_bits(X.ramplus_tl(base, models[:3], r=0.0), X.ram(base, models[:3]))
-    assert_bits(X.ramplus_tl(base, []), mergekit("ramplus_tl", base, [], {}))
+        assert_bits(S.ramplus_tl(base, models[:3], r=0.0), S.ram(base, models[:3]))
+    assert_bits(S.ramplus_tl(base, []), mergekit("ramplus_tl", base, [], {}))
 
 
 def test_ramplus_tl_zero_epsilon_nan_like_mergekit():
@@ -388,14 +394,13 @@ def test_ramplus_tl_zero_epsilon_nan_like_mergekit():
     tensors = [models[0], base.clone()]
     ref = mergekit("ramplus_tl", base, tensors, {"epsilon": 0.0})
     assert torch.isnan(ref).all()
-    assert_bits(X.ramplus_tl(base, tensors, epsilon=0.0), ref)
-    row = next(r for r in X.MORE_METHOD_ROWS if r["name"] == "ramplus_tl")
-    eps = next(p for p in row["params"] if p["name"] == "epsilon")
-    assert eps["low"] == 0.0 and eps["low_open"]
+    assert_bits(S.ramplus_tl(base, tensors, epsilon=0.0), ref)
+    eps = METHODS["ramplus_tl"].param("epsilon")
+    assert eps.low == 0.0 and eps.low_open
 
 
 # ---------------------------------------------------------------- mixed dtypes
-@pytest.mark.parametrize("name", ["arcee_fusion", "karcher", "multislerp", "nearswap", "sce", "ram", "ramplus_tl"])
+@pytest.mark.parametrize("name", NEW)
 def test_mixed_dtypes_promote_like_mergekit(name):
     base, models = make_inputs((16, 12), torch.float32, n=2, scale=0.3)
     base = base.to(torch.bfloat16)  # bf16 base + float32 models -> float32 maths
@@ -404,20 +409,14 @@ def test_mixed_dtypes_promote_like_mergekit(name):
     params = _required_values(name, n)
     mixed = [models[0].to(torch.bfloat16)] + models[1:n] if name == "karcher" else models[:n]
     ref = mergekit(name, b, mixed, params)
-    ours = X.MORE_ADAPTERS[name](b, mixed, _resolve(name, params, n), None)
+    ours = ADAPTERS[name](b, mixed, _resolve(name, params, n), None)
     assert ref.dtype == torch.float32
     assert_bits(ours, ref)
 
 
 # ------------------------------------------------------------------ registry rows
-EXISTING = {"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
-            "della", "della_linear", "slerp", "nuslerp", "model_stock", "passthrough"}
-_KINDS = {float: "float", bool: "bool", int: "int"}
+_KINDS = {float: float, bool: bool, int: int}
 _BASE = {BasePolicy.REQUIRED: "required", BasePolicy.OPTIONAL: "optional", BasePolicy.IGNORED: "unused"}
-
-
-def _row(name):
-    return next(r for r in X.MORE_METHOD_ROWS if r["name"] == name)
 
 
 def _required_values(name, n):
@@ -425,48 +424,57 @@ def _required_values(name, n):
 
 
 def _resolve(name, given, n):
-    """What the registry will hand the adapter: defaults filled, per-model as lists."""
-    out = {}
-    for p in _row(name)["params"]:
-        v = given.get(p["name"], p["default"])
-        assert v != "REQUIRED", (name, p["name"])
-        out[p["name"]] = (list(v) if isinstance(v, (list, tuple)) else [v] * n) if p["per_model"] else v
-    return out
+    """What the registry hands the adapter: defaults filled, per-model values as lists."""
+    return resolve_params(name, given, n)
 
 
-def test_rows_cover_exactly_the_missing_mergekit_methods():
-    names = [r["name"] for r in X.MORE_METHOD_ROWS]
-    assert len(names) == len(set(names))
-    assert set(names) == {m.spec.name for m in mk_registry.registered_methods()} - EXISTING
-    assert set(X.MORE_ADAPTERS) == set(names)
+def test_registry_holds_mergekits_whole_method_list():
+    assert set(METHODS) == {m.spec.name for m in mk_registry.registered_methods()}
+    assert all(METHODS[name].fn is not None for name in METHODS)
 
 
-@pytest.mark.parametrize("name", ["arcee_fusion", "karcher", "multislerp", "nearswap", "sce", "ram", "ramplus_tl"])
+@pytest.mark.parametrize("name", NEW)
 def test_row_matches_mergekit_declaration(name):
-    row, spec = _row(name), mk_registry.get(name).spec
-    assert set(row) >= {"name", "base", "params", "min_models", "max_models", "random", "doc", "fn"}
-    ours = {p["name"]: p for p in row["params"]}
+    row, spec = METHODS[name], mk_registry.get(name).spec
+    ours = {p.name: p for p in row.params}
     assert set(ours) == {p.name for p in spec.parameters}
     for p in spec.parameters:
         mine = ours[p.name]
-        assert set(mine) == {"name", "default", "low", "high", "low_open", "high_open", "per_model", "kind", "doc"}
-        assert mine["default"] == ("REQUIRED" if p.required else p.default), p.name
-        assert type(mine["default"]) is (str if p.required else type(p.default)), p.name
-        assert mine["per_model"] == (p.scope != ParameterScope.SHARED), p.name
-        assert mine["kind"] == _KINDS[p.value_type], p.name
-        assert mine["low"] <= mine["high"] and mine["doc"]
-        if not p.required and mine["kind"] != "bool":  # the default lies inside the allowed range
-            lo_ok = p.default > mine["low"] if mine["low_open"] else p.default >= mine["low"]
-            hi_ok = p.default < mine["high"] if mine["high_open"] else p.default <= mine["high"]
-            assert lo_ok and hi_ok, p.name
+        assert mine.required == p.required, p.name
+        if not p.required:
+            assert mine.default == p.default and type(mine.default) is type(p.default), p.name
+        assert mine.per_model == (p.scope != ParameterScope.SHARED), p.name
+        assert mine.kind is _KINDS[p.value_type], p.name
+        assert mine.low <= mine.high and mine.doc
+        if not p.required and mine.kind is not bool:  # the default lies inside the allowed range
+            assert mine.check(p.default) == p.default, p.name
     contract = spec.contract
-    assert row["base"] == _BASE[contract.base]
+    assert row.base == _BASE[contract.base]
     has_base = 1 if contract.base == BasePolicy.REQUIRED else 0
-    assert row["min_models"] == max(1, contract.min_inputs - has_base, contract.min_non_base or 0)
-    assert row["max_models"] == (None if contract.max_inputs is None else contract.max_inputs - has_base)
-    assert row["random"] == (name == "arcee_fusion")
-    assert all(isinstance(row[k], (int, type(None))) for k in ("min_models", "max_models"))
-    assert not any(math.isnan(p["low"]) or math.isnan(p["high"]) for p in row["params"])
+    assert row.min_models == max(1, contract.min_inputs - has_base, contract.min_non_base or 0)
+    assert row.max_models == (None if contract.max_inputs is None else contract.max_inputs - has_base)
+    assert row.random == (name == "arcee_fusion")
+    assert not any(math.isnan(p.low) or math.isnan(p.high) for p in row.params)
+
+
+def test_searchable_rows_have_continuous_parameters():
+    """A searchable method has a float parameter a space can evolve; the new ones marked so are those
+    whose parameters blend models (weights, a distance, a selection fraction, a rescale strength)."""
+    for name, spec in METHODS.items():
+        if spec.searchable:
+            assert any(p.kind is float for p in spec.params), name
+    assert {n for n in NEW if METHODS[n].searchable} == {"multislerp", "nearswap", "sce", "ramplus_tl"}
+
+
+def test_integer_parameter_accepts_integral_values_only():
+    spec = METHODS["karcher"].param("max_iter")
+    assert spec.check(3.0) == 3 and isinstance(spec.check(3.0), int)
+    from evomerge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="not an integer"):
+        spec.check(2.5)
+    with pytest.raises(ConfigError, match="out of range"):
+        spec.check(-1)
 
 
 NON_DEFAULT = {  # one value per parameter, each changed on its own
@@ -481,22 +489,22 @@ NO_NUMERIC_EFFECT = {"int8_mask"}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name", ["arcee_fusion", "karcher", "multislerp", "nearswap", "sce", "ram", "ramplus_tl"])
+@pytest.mark.parametrize("name", NEW)
 def test_adapters_pass_every_parameter(name, dtype):
     """The adapter with defaults, and with each parameter changed alone, equals mergekit
     given the same (output in the inputs' dtype); each change does change the result."""
-    row = _row(name)
-    n = row["max_models"] or 3
+    row = METHODS[name]
+    n = row.max_models or 3
     if name in ("ram", "ramplus_tl"):
         base, models = sparse_inputs((40, 24), dtype, n=n)
     elif name == "karcher":
         base, models = None, diverse_inputs((40, 24), dtype, n=n)
     else:
         base, models = make_inputs((40, 24), dtype, n=n, scale=0.3 if name == "multislerp" else 0.05)
-    fn = row["fn"]
+    fn = row.fn
     required = _required_values(name, n)
     changes = [{}] + [{k: v} for k, v in NON_DEFAULT.get(name, {}).items()]
-    assert {k for c in changes for k in c} | set(required) == {p["name"] for p in row["params"]}
+    assert {k for c in changes for k in c} | set(required) == {p.name for p in row.params}
     outs = []
     for change in changes:
         given = {**required, **change}

@@ -17,6 +17,7 @@ import yaml
 from evomerge.errors import ConfigError
 from evomerge.merge.dfs import DfsSpace
 from evomerge.merge.stacking import (
+    build_recipe_model,
     build_stacked_model,
     cumulative_scales,
     dus_path,
@@ -284,3 +285,94 @@ def test_errors_are_config_errors(pair):
     assert err.value.key == "hidden_size"
     with pytest.raises(ConfigError, match="stacked model"):
         fold_scales(a)
+
+
+@pytest.fixture(scope="module")
+def realistic_pair(tmp_path_factory):
+    """Two tiny Llamas with a realistic norm eps (1e-5), where scaled and folded stacks visibly differ."""
+    tok = char_tokenizer()
+    a = random_model(tiny_config("llama", vocab_size=len(tok), rms_norm_eps=1e-5), seed=0)
+    b = perturbed(a, seed=1, scale=0.3)
+    root = tmp_path_factory.mktemp("stack_eps")
+    return {"a": a, "b": b, "dir_a": save_model(a, tok, root / "a"), "dir_b": save_model(b, tok, root / "b"),
+            "root": root}
+
+
+def _recipe_model(p, path=PATH, scales=SCALES):
+    from evomerge.models.layout import ModelLayout
+    from evomerge.models.sources import open_model
+    from evomerge.recipe import Recipe
+
+    refs = [str(p["dir_a"]), str(p["dir_b"])]
+    recipe = Recipe.from_dict(to_passthrough_recipe(path, scales, refs, target_index=0))
+    layouts = {r: ModelLayout.from_source(open_model(r)) for r in refs}
+    return recipe, build_recipe_model(recipe, dict(zip(refs, [p["a"], p["b"]])), layouts)
+
+
+def test_recipe_model_is_what_evomerge_merge_writes(realistic_pair, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.merge.materialize import materialize
+
+    p = realistic_pair
+    recipe, live = _recipe_model(p)
+    written = AutoModelForCausalLM.from_pretrained(materialize(recipe, tmp_path / "out", progress=False)).eval()
+    state = live.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in written.state_dict().items())
+    ids = _ids(p["a"])
+    lr, lw = _logits(live, ids), _logits(written, ids)
+    assert float((lr - lw).abs().max() / lw.abs().max()) <= 1e-6
+    # the scaled-residual stack differs by the eps effect (~1e-3 relative here): not what is shipped
+    hooked = _logits(build_stacked_model(p["a"], PATH, SCALES, [p["a"], p["b"]]), ids)
+    assert float((hooked - lw).abs().max() / lw.abs().max()) > 1e-4
+    # only the scaled tensors are new; the rest is shared with the sources, which stay untouched
+    layers, src = live.model.layers, p["a"].model.layers[1]
+    assert layers[4].self_attn.q_proj.weight.data_ptr() == src.self_attn.q_proj.weight.data_ptr()
+    assert layers[4].self_attn.o_proj.weight.data_ptr() != src.self_attn.o_proj.weight.data_ptr()
+    assert layers[0].self_attn.o_proj.weight.data_ptr() == p["b"].model.layers[0].self_attn.o_proj.weight.data_ptr()
+    assert live.model.embed_tokens.weight.data_ptr() == p["a"].model.embed_tokens.weight.data_ptr()
+    torch.testing.assert_close(layers[4].mlp.down_proj.weight, src.mlp.down_proj.weight / cumulative_scales(SCALES)[4])
+
+
+def test_recipe_model_kv_cache_with_repeated_layers(realistic_pair):
+    p = realistic_pair
+    _, live = _recipe_model(p)
+    assert [layer.self_attn.layer_idx for layer in live.model.layers] == list(range(len(PATH)))
+    assert [layer.self_attn.layer_idx for layer in p["a"].model.layers] == [0, 1, 2, 3]  # sources untouched
+    prompt = _ids(p["a"], n=1, length=6, seed=2)
+    gen = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    cached = live.generate(prompt, use_cache=True, **gen).tolist()
+    assert cached == live.generate(prompt, use_cache=False, **gen).tolist()
+    ids = _ids(p["a"], n=1, length=10, seed=3)
+
+    @torch.no_grad()
+    def incremental(model):
+        out = model(ids[:, :4], use_cache=True)
+        cache, steps = out.past_key_values, [out.logits]
+        for t in range(4, ids.shape[1]):
+            out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+            cache, steps = out.past_key_values, steps + [out.logits]
+        return torch.cat(steps, dim=1)
+
+    full = _logits(live, ids)
+    torch.testing.assert_close(incremental(live), full, atol=1e-5, rtol=0)
+    live.model.layers[4].self_attn.layer_idx = 1  # positions 1 and 4 (one source layer) sharing a cache slot
+    assert (incremental(live) - full).abs().max() > 1e-3
+
+
+def test_recipe_model_needs_a_stacking_recipe(realistic_pair):
+    from evomerge.models.layout import ModelLayout
+    from evomerge.models.sources import open_model
+    from evomerge.recipe import Recipe
+
+    p = realistic_pair
+    ref = str(p["dir_a"])
+    layouts = {ref: ModelLayout.from_source(open_model(ref))}
+    linear = Recipe.from_dict({"merge_method": "linear", "models": [{"model": ref, "parameters": {"weight": 1.0}}]})
+    with pytest.raises(ConfigError, match="passthrough"):
+        build_recipe_model(linear, {ref: p["a"]}, layouts)
+    scaled_head = Recipe.from_dict({"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": ref, "layer_range": [0, 4], "parameters": {"scale": 0.5}}]}]})
+    with pytest.raises(ConfigError, match="unscaled"):
+        build_recipe_model(scaled_head, {ref: p["a"]}, layouts)
+

@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 import numpy as np  # noqa: E402
 
+from evomerge.errors import ConfigError  # noqa: E402
 from evomerge.search.driver import Outcome, run_search  # noqa: E402
 from evomerge.search.optimizers import make_optimizer  # noqa: E402
 from evomerge.store import RunStore  # noqa: E402
@@ -47,8 +48,14 @@ def main() -> int:
     ap.add_argument("--max-trials", type=int, default=40)
     ap.add_argument("--sleep", type=float, default=0.05)
     ap.add_argument("--sigma0", type=float, default=0.3)
+    ap.add_argument("--storage", help="a database URL (the run is named after RUN_DIR's last part)")
     args = ap.parse_args()
-    if RunStore.exists(args.run_dir):
+    if args.storage:
+        try:
+            store = RunStore.create(args.run_dir, CONFIG, directions=["maximize"], storage_url=args.storage)
+        except ConfigError:  # another worker created it first
+            store = RunStore.open(args.run_dir, CONFIG, storage_url=args.storage)
+    elif RunStore.exists(args.run_dir):
         store = RunStore.open(args.run_dir, CONFIG)
     else:
         store = RunStore.create(args.run_dir, CONFIG, directions=["maximize"], meta={"test": "quadratic"})
