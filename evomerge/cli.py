@@ -14,7 +14,7 @@ from typing import NoReturn
 from evomerge.errors import EvomergeError
 from evomerge.yamlio import one_line
 
-COMMANDS = ["merge", "eval", "run", "resume", "report", "export", "validate", "demo"]
+COMMANDS = ["merge", "eval", "run", "resume", "worker", "report", "export", "validate", "demo"]
 GLOBAL_FLAGS = {
     "--traceback": "on an error, show the full Python traceback instead of the one-line message",
     "--verbose": "show library warnings evomerge filters as noise, and evomerge's INFO log lines",

@@ -37,6 +37,7 @@ from evomerge.search.heartbeat import Heartbeat
 from evomerge.search.optimizers import Optimizer
 from evomerge.search.progress import Progress, QuietProgress
 from evomerge.store import RunStore, TrialRecord
+from evomerge.store.integrity import is_disk_full
 from evomerge.store.locks import worker_alive
 from evomerge.store.run_store import QUEUE_LEASE
 
@@ -159,8 +160,13 @@ def run_search(
         with Heartbeat(store) as hb:
             s.hb = hb
             stop_reason = s.loop()
-    finally:
         s.tick()
+    except Exception as exc:
+        if is_disk_full(exc):
+            where = str(store.folder.db) if store.on_sqlite else store.storage_url
+            raise ConfigError("the disk is full: the run cannot record its trials (everything finished so far is "
+                              "kept); free space, then `evomerge resume`", file=where) from None
+        raise
     top = store.best(1)
     summary = SearchSummary(
         stop_reason=stop_reason,
@@ -235,6 +241,13 @@ class _Session:
 
     # -- the loop ---------------------------------------------------------------------------------
     def loop(self) -> str:
+        try:
+            return self._loop()
+        except BaseException:  # Ctrl-C, SIGTERM, a crash: no trial this worker holds stays RUNNING
+            self.store.abort_mine("interrupted", "the run was interrupted while evaluating this trial")
+            raise
+
+    def _loop(self) -> str:
         while True:
             finished = self._refresh()
             if finished >= self.max_trials:

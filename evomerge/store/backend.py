@@ -189,10 +189,10 @@ def enqueue(study: optuna.Study, params: dict[str, float], user_attrs: dict[str,
     return frozen_trial(study, tid).number
 
 
-def pop_waiting(study: optuna.Study) -> optuna.trial.Trial | None:
+def pop_waiting(study: optuna.Study, attrs: dict[str, Any]) -> optuna.trial.Trial | None:
     """Take the oldest WAITING trial (now RUNNING) for this process, or None. A conditional update, so
     two workers never take the same trial (Optuna's own pop reads, then writes: on SQLite two processes
-    can both pass its check)."""
+    can both pass its check). `attrs` (who took it) are written in the same transaction."""
     storage = rdb_of(study)
     assert storage is not None
     trials = models.TrialModel.__table__
@@ -204,6 +204,8 @@ def pop_waiting(study: optuna.Study) -> optuna.trial.Trial | None:
         with storage.engine.begin() as conn:
             res = conn.execute(trials.update().where(trials.c.trial_id == tid, trials.c.state == TrialState.WAITING)
                                .values(state=TrialState.RUNNING, datetime_start=datetime.datetime.now()))
+            if res.rowcount == 1:
+                _upsert_attrs(storage, conn, int(tid), attrs)
         if res.rowcount == 1:
             return optuna.trial.Trial(study, int(tid))
     return None

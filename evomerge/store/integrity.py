@@ -95,5 +95,12 @@ def restore_latest_backup(db: Path, folder: Path) -> Path:
 
 
 def is_disk_full(exc: BaseException) -> bool:
-    text = str(exc).lower()
-    return any(k in text for k in _DISK_FULL) or getattr(exc, "errno", None) in (28, 27)  # ENOSPC, EFBIG
+    """Whether `exc`, or what caused it (Optuna wraps database errors), says the disk or file size limit is full."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if any(k in str(cur).lower() for k in _DISK_FULL) or getattr(cur, "errno", None) in (28, 27):  # ENOSPC, EFBIG
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False

@@ -225,7 +225,16 @@ class RunStore:
         """A fresh RUNNING trial for a sampler to fill (the driver records its own heartbeats)."""
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Heartbeat of storage")
-            return self.study.ask()
+            trial = self.study.ask()
+        backend.set_user_attrs(self.storage, backend.trial_id(trial), {"worker": this_worker(), "status": "running"})
+        return trial
+
+    def abort_mine(self, status: str, reason: str) -> list[int]:
+        """Finish every trial this process holds (RUNNING under its name) as `status`: on an interrupt."""
+        me = this_worker()
+        mine = [ft for ft in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                if ft.user_attrs.get("worker") == me]
+        return [ft.number for ft in mine if self.abort_trial(backend.trial_id(ft), status, reason)]
 
     def enqueue(self, genome: np.ndarray, attrs: dict[str, Any]) -> int:
         """A WAITING trial holding `genome` for any worker to pop; returns its number."""
@@ -234,7 +243,7 @@ class RunStore:
 
     def pop_waiting(self) -> optuna.trial.Trial | None:
         """The oldest WAITING trial, now RUNNING for this process (atomic across workers), or None."""
-        return backend.pop_waiting(self.study)
+        return backend.pop_waiting(self.study, {"worker": this_worker(), "status": "running"})
 
     def begin_trial(self, trial: optuna.trial.Trial, genome: np.ndarray, *, generation: int, gen_index: int,
                     key: str) -> None:

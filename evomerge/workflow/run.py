@@ -25,6 +25,7 @@ from evomerge.store import RunFolder, RunStore, atomic_write_text
 from evomerge.store.integrity import restore_latest_backup
 from evomerge.workflow.context import RunContext, build_context, make_objective
 from evomerge.workflow.heldout import heldout_markdown, heldout_rows
+from evomerge.workflow.preflight import preflight
 
 
 def default_run_dir(config: SearchConfig) -> Path:
@@ -73,6 +74,9 @@ def start_run(space_path: str | Path, *, run_dir: str | Path | None = None, over
         config.budget.trials = _positive_trials(max_trials, str(space_path))
     if storage is None and folder.exists() and not overwrite:  # fail before loading any weights
         RunStore.create(folder.root, text, directions=["maximize"], overwrite=False)
+    checked = preflight(config, str(space_path), base_dir)  # everything a run can check before writing
+    if not quiet:
+        print(checked.summary())
     with handle_sigterm():
         ctx = build_context(config, text, source=str(space_path), base_dir=base_dir, run_dir=folder.root)
         meta = {"space_file": str(Path(space_path).resolve()), "base_dir": str(base_dir), "refs": ctx.refs,
