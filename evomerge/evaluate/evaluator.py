@@ -35,12 +35,12 @@ class EvalResult:
 class Evaluator:
     """Scores live causal LMs on fixed, pre-tokenized task subsets (see module docstring)."""
 
-    def __init__(self, specs: list[TaskSpec], tokenizer, *, split: Literal["search", "heldout", "all"] = "search",
+    def __init__(self, specs: list[TaskSpec], tokenizer, *, split: Literal["search", "selection", "heldout", "all"] = "search",
                  device: str | torch.device = "cpu", batch_tokens: int = 16384,
                  objectives: Literal["weighted", "vector"] = "weighted", base_dir: str | Path | None = None,
                  max_length: int | None = None, share_prefix: bool = True, max_padding: float | None = None):
-        if split not in ("search", "heldout", "all"):
-            raise ConfigError(f"unknown split '{split}'", key="split", allowed="search, heldout, all")
+        if split not in ("search", "selection", "heldout", "all"):
+            raise ConfigError(f"unknown split '{split}'", key="split", allowed="search, selection, heldout, all")
         if objectives not in ("weighted", "vector"):
             raise ConfigError(f"unknown objectives mode '{objectives}'", key="objectives", allowed="weighted, vector")
         if not specs:

@@ -44,6 +44,8 @@ class TaskSpec(BaseModel):
     # subsets: totals and/or per-category stratification; disjoint search / held-out splits
     n_search: int | None = Field(default=None, ge=1)
     n_heldout: int | None = Field(default=None, ge=1)
+    # items that re-score the best candidates to pick the exported recipe (none: the best on search is exported)
+    n_selection: int | None = Field(default=None, ge=1)
     per_category: int | None = Field(default=None, ge=1)
     seed: int = 0
     # fitness

@@ -1,7 +1,9 @@
-"""Seeded, category-stratified search / held-out subsets that never overlap.
+"""Seeded, category-stratified search / selection / held-out subsets that never overlap.
 
 Each category's items are shuffled with the task seed; the search split takes from the front of each
-category's order and the held-out split from the back, so the two are disjoint by construction.
+category's order, the selection split (optional: re-scores the best candidates to pick the exported one)
+the next items, and the held-out split (the report's, touched once) from the back, so the three are
+disjoint by construction.
 Allocation of a total over categories is proportional to category size (largest remainder).
 """
 
@@ -36,9 +38,9 @@ def _proportional(total: int, sizes: dict[str, int]) -> dict[str, int]:
 
 
 def make_splits(items: Sequence[T], *, seed: int = 0, n_search: int | None = None, n_heldout: int | None = None,
-                per_category: int | None = None, source: str = "", category=lambda it: it.category
-                ) -> dict[str, list[T]]:
-    """{"search": [...], "heldout": [...], "all": [...]} for `items`.
+                per_category: int | None = None, source: str = "", category=lambda it: it.category,
+                n_selection: int | None = None) -> dict[str, list[T]]:
+    """{"search": [...], "selection": [...], "heldout": [...], "all": [...]} for `items`.
 
     search: `per_category` from each category, else `n_search` stratified, else everything not held out.
     heldout: `n_heldout` stratified over what is left, else `per_category` per category (as available),
@@ -87,6 +89,13 @@ def make_splits(items: Sequence[T], *, seed: int = 0, n_search: int | None = Non
     if n_s is None:
         n_s = {c: sizes[c] - n_h[c] for c in cats}
 
+    free = {c: sizes[c] - n_s[c] - n_h[c] for c in cats}
+    if n_selection is not None and n_selection > sum(free.values()):
+        raise DataError(f"n_selection={n_selection} is larger than the {sum(free.values())} items left after the "
+                        "search and held-out splits", file=source, key="n_selection",
+                        allowed=f"1..{sum(free.values())}" if sum(free.values()) else "fewer search or held-out items")
+    n_sel = _proportional(n_selection, free) if n_selection else {c: 0 for c in cats}
     search = [it for c in cats for it in groups[c][: n_s[c]]]
+    selection = [it for c in cats for it in groups[c][n_s[c]: n_s[c] + n_sel[c]]]
     heldout = [it for c in cats for it in groups[c][sizes[c] - n_h[c]:]]
-    return {"search": search, "heldout": heldout, "all": list(items)}
+    return {"search": search, "selection": selection, "heldout": heldout, "all": list(items)}

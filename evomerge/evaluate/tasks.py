@@ -52,14 +52,15 @@ class PreparedTask:
 
 def select_items(spec: TaskSpec, items: list, split: str, source: str) -> list:
     parts = make_splits(items, seed=spec.seed, n_search=spec.n_search, n_heldout=spec.n_heldout,
-                        per_category=spec.per_category, source=source)
+                        per_category=spec.per_category, source=source, n_selection=spec.n_selection)
     chosen = parts[split]
     if not chosen:
         raise DataError(f"the '{split}' split of task '{spec.name}' is empty "
                         f"({len(items)} items; n_search={spec.n_search}, n_heldout={spec.n_heldout}, "
                         f"per_category={spec.per_category})", file=source,
-                        key="n_heldout" if split == "heldout" else "n_search",
-                        allowed="set n_heldout (or per_category) to hold items out" if split == "heldout" else None)
+                        key={"heldout": "n_heldout", "selection": "n_selection"}.get(split, "n_search"),
+                        allowed={"heldout": "set n_heldout (or per_category) to hold items out",
+                                 "selection": "set n_selection on every task (or on none)"}.get(split))
     return chosen
 
 
@@ -158,7 +159,8 @@ class MCQTask(PreparedTask):
             "loss": float(-gold_ll.mean()),
         }
         per_item = {
-            it.id: {"loglik": padded[i, : len(it.choices)].tolist(), "pred": int(pred[i]), "gold": it.answer}
+            it.id: {"loglik": padded[i, : len(it.choices)].tolist(), "pred": int(pred[i]), "gold": it.answer,
+                    "acc": bool(pred[i] == self._gold[i]), "acc_norm": bool(pred_norm[i] == self._gold[i])}
             for i, it in enumerate(self.items)
         }
         return metrics, per_item
@@ -197,7 +199,7 @@ class GenerationTask(PreparedTask):
         metrics = {"exact_match": float(np.mean(correct))}
         if self.loss_plan is not None:
             metrics["loss"] = float((-self.loss_plan.run(model) / self.n_tok).mean())
-        per_item = {it.id: {"output": o, "pred": p, "gold": g, "correct": c}
+        per_item = {it.id: {"output": o, "pred": p, "gold": g, "correct": c, "exact_match": bool(c)}
                     for it, o, p, g, c in zip(self.items, outputs, preds, self.gold, correct)}
         return metrics, per_item
 

@@ -80,7 +80,7 @@ def _file_task(spec: TaskSpec, base_dir: Path) -> TaskInfo:
         read_text(p, what="task file", error=DataError, key="path")
     items = load_items(spec.kind, path=spec.path, subjects=spec.subjects, split=spec.split, base_dir=base_dir)
     parts = make_splits(items, seed=spec.seed, n_search=spec.n_search, n_heldout=spec.n_heldout,
-                        per_category=spec.per_category, source=str(p))
+                        per_category=spec.per_category, source=str(p), n_selection=spec.n_selection)
     _nonempty(spec, len(parts["search"]), len(parts["heldout"]), len(items))
     if spec.num_fewshot:
         _check_fewshot(spec, p, base_dir)

@@ -24,7 +24,7 @@ from evomerge.search.progress import make_progress
 from evomerge.store import RunFolder, RunStore, atomic_write_text
 from evomerge.store.integrity import restore_latest_backup
 from evomerge.workflow.context import RunContext, build_context, make_objective
-from evomerge.workflow.heldout import heldout_markdown, heldout_rows
+from evomerge.workflow.heldout import heldout_markdown, heldout_table, score_row
 from evomerge.workflow.preflight import preflight
 
 
@@ -81,7 +81,9 @@ def start_run(space_path: str | Path, *, run_dir: str | Path | None = None, over
         ctx = build_context(config, text, source=str(space_path), base_dir=base_dir, run_dir=folder.root)
         meta = {"space_file": str(Path(space_path).resolve()), "base_dir": str(base_dir), "refs": ctx.refs,
                 "dim": ctx.space.dim, "env": referenced(text)}
-        splits = {s: ctx.evaluator(s).split_ids() for s in ("search", "heldout")}
+        with_selection = any(t.n_selection for t in config.tasks)
+        names = ("search", "selection", "heldout") if with_selection else ("search", "heldout")
+        splits = {s: ctx.evaluator(s).split_ids() for s in names}
         store = RunStore.create(folder.root, text, directions=ctx.directions, meta=meta, overwrite=overwrite,
                                 storage_url=storage)
         store.set_attr("budget_config", {"trials": config.budget.trials, "seconds": config.budget.seconds})
@@ -171,18 +173,26 @@ def finish_run(ctx: RunContext, store: RunStore, *, quiet: bool = True) -> dict[
     if not best:
         raise ConfigError("no trial finished successfully; see the failed trials' reasons with `evomerge report`",
                           file=str(folder.root))
+    selection: list[dict[str, Any]] = []
+    if any(t.n_selection for t in ctx.config.tasks):  # the exported recipe is the best of the top-k on selection
+        scored = [(score_row(ctx, ctx.live_model(np.asarray(r.genome)), "selection")[0]["mean"], i, r)
+                  for i, r in enumerate(best)]
+        scored.sort(key=lambda x: (-x[0] if np.isfinite(x[0]) else np.inf, x[1]))
+        best = [r for _, _, r in scored]
+        selection = [{"trial": r.number, "selection_mean": round(float(m), 4), "search_fitness": r.value}
+                     for m, _, r in scored]
     atomic_write_text(folder.best, best[0].recipe_yaml)
     if len(ctx.directions) > 1:
         folder.pareto.mkdir(exist_ok=True)
         for rec in store.pareto():
             atomic_write_text(folder.pareto / f"trial_{rec.number:05d}.yaml", rec.recipe_yaml)
-    rows = heldout_rows(ctx, best)
-    _write_json(folder.heldout_json, {"rows": rows})
-    atomic_write_text(folder.heldout_md, heldout_markdown(rows))
+    table = heldout_table(ctx, best) | {"selection": selection}
+    _write_json(folder.heldout_json, table)
+    atomic_write_text(folder.heldout_md, heldout_markdown(table))
     if not quiet:
-        print(heldout_markdown(rows))
+        print(heldout_markdown(table))
     write_report(folder.root)
-    return {"rows": rows}
+    return table
 
 
 def _write_json(path: Path, data: Any) -> None:
