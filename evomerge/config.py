@@ -146,8 +146,11 @@ class SearchConfig(BaseModel):
     device: str = "cpu"
     dtype: str = "float32"
     offload: Literal["auto", "never", "always"] = "auto"
+    threads: int | None = Field(default=None, ge=1)  # torch CPU threads; null: physical cores / evomerge workers here
     run_dir: str | None = None  # default: runs/<name>
     seed_recipes: list[str] = Field(default_factory=list)  # hand-written recipes to start the search from
+    # score the uniform hand-made merges of the same genome space first and start the search at the best
+    warm_start: bool = True
 
     @field_validator("dtype")
     @classmethod

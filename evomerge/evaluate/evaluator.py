@@ -35,7 +35,8 @@ class EvalResult:
 class Evaluator:
     """Scores live causal LMs on fixed, pre-tokenized task subsets (see module docstring)."""
 
-    def __init__(self, specs: list[TaskSpec], tokenizer, *, split: Literal["search", "selection", "heldout", "all"] = "search",
+    def __init__(self, specs: list[TaskSpec], tokenizer, *,
+                 split: Literal["search", "selection", "heldout", "all"] = "search",
                  device: str | torch.device = "cpu", batch_tokens: int = 16384,
                  objectives: Literal["weighted", "vector"] = "weighted", base_dir: str | Path | None = None,
                  max_length: int | None = None, share_prefix: bool = True, max_padding: float | None = None):

@@ -32,7 +32,7 @@ import numpy as np
 import optuna
 
 from evomerge.errors import ConfigError
-from evomerge.search.generations import GenerationQueue
+from evomerge.search.generations import WARM_GENERATION, GenerationQueue
 from evomerge.search.heartbeat import Heartbeat
 from evomerge.search.optimizers import Optimizer
 from evomerge.search.progress import Progress, QuietProgress
@@ -125,12 +125,14 @@ def run_search(
     progress: Progress | None = None,
     slot: int | None = None,
     backup_every: int = 0,
+    warm_start: list[tuple[str, np.ndarray]] | None = None,
 ) -> SearchSummary:
     """Work on the search in `store` until `max_trials` finished trials (counted in the storage, across
     resumes and workers), `max_seconds` of the run's search time (across resumes), or the optimizer
     stops. `slot`: this worker's slot (default: registered now); build the optimizer with the same slot
     (`make_optimizer(..., slot=slot)`) so that each worker's sampler draws from its own seed.
-    `backup_every`: back up a SQLite run every this many finished trials."""
+    `backup_every`: back up a SQLite run every this many finished trials. `warm_start`: (label, genome)
+    pairs scored before the search (CMA-ES then starts at the best; samplers get them as waiting trials)."""
     if isinstance(max_trials, bool) or not isinstance(max_trials, (int, np.integer)) or max_trials <= 0:
         raise ConfigError(f"max_trials must be a positive integer, got {max_trials!r}", key="max_trials")
     if max_seconds is not None and not (isinstance(max_seconds, (int, float)) and max_seconds > 0):
@@ -144,7 +146,8 @@ def run_search(
     t0 = time.monotonic()
     slot = store.register_worker() if slot is None else slot
     stale = store.fail_stale_trials()
-    s = _Session(store, optimizer, objective, dedupe_key, progress, int(max_trials), max_seconds, slot)
+    s = _Session(store, optimizer, objective, dedupe_key, progress, int(max_trials), max_seconds, slot,
+                 warm_start or [])
     s.backup_every = backup_every
     s.stale = stale
     if optimizer.samples_in_trials:
@@ -190,13 +193,14 @@ class _Session:
 
     def __init__(self, store: RunStore, optimizer: Optimizer, objective: Callable[[np.ndarray], Outcome],
                  dedupe_key: Callable[[np.ndarray], str], progress: Progress, max_trials: int,
-                 max_seconds: float | None, slot: int):
+                 max_seconds: float | None, slot: int, warm_start: list[tuple[str, np.ndarray]]):
         self.store, self.opt, self.objective = store, optimizer, objective
         self.dedupe_key, self.progress = dedupe_key, progress
         self.max_trials, self.max_seconds, self.slot = max_trials, max_seconds, slot
         self.state_key = "optimizer" if not optimizer.samples_in_trials else f"sampler:{slot}"
         self.queue = None if optimizer.samples_in_trials else GenerationQueue(
-            store, optimizer, max_trials=max_trials, dedupe_key=dedupe_key)
+            store, optimizer, max_trials=max_trials, dedupe_key=dedupe_key, warm_start=warm_start)
+        self.warm = warm_start
         self.evaluated = self.failed = self.duplicates = 0
         self.idle = 0.0
         self.stale: list[int] = []
@@ -273,6 +277,11 @@ class _Session:
                 return None, stop
             return self.store.pop_waiting(), None
         with self.store.lease(QUEUE_LEASE, 60):
+            if self.warm and not any(r.generation == WARM_GENERATION for r in self.store.trials()):
+                for i, (label, genome) in enumerate(self.warm[: self.max_trials]):  # scored first, by any worker
+                    self.store.enqueue(genome, {"generation": WARM_GENERATION, "gen_index": i,
+                                                "key": self.dedupe_key(genome), "warm_start": label})
+                return self.store.pop_waiting(), None
             c = self.store.counts()
             if c["finished"] + c["running"] + c["waiting"] >= self.max_trials:
                 return None, None

@@ -4,7 +4,8 @@ The optimizer's state as of its last tell lives in the storage; asking from it g
 generation again. Whoever holds the run's "queue" lease advances the queue: when every candidate of
 the current generation has finished it tells the optimizer (failed candidates get a fitness below the
 generation's worst), saves its state, asks the next generation and enqueues its candidates as WAITING
-trials that any worker pops. Every step
+trials that any worker pops. With a warm start, the uniform hand-made merges of the same genome space are
+scored first (generation -1) and the optimizer starts at the best of them. Every step
 checks what the storage already holds, so a holder killed half way leaves work the next holder finishes,
 and a candidate whose worker died (its trial failed as stale) is enqueued again.
 """
@@ -19,6 +20,7 @@ from evomerge.search.optimizers import Optimizer
 from evomerge.store import RunStore, TrialRecord
 
 ACTIVE = ("ok", "failed", "running", "waiting")  # a candidate in one of these needs no new trial
+WARM_GENERATION = -1  # the warm-start candidates (uniform hand-made merges), scored before generation 0
 
 
 def penalties(values: list[list[float] | None], fallback: list[list[float]], n_obj: int) -> list[float]:
@@ -36,20 +38,27 @@ class GenerationQueue:
     """Tell / ask / enqueue for one run; call `advance` while holding the storage's "queue" lease."""
 
     def __init__(self, store: RunStore, optimizer: Optimizer, *, max_trials: int,
-                 dedupe_key: Callable[[np.ndarray], str]):
+                 dedupe_key: Callable[[np.ndarray], str], warm_start: list[tuple[str, np.ndarray]] | None = None):
         self.store, self.opt = store, optimizer
         self.max_trials, self.dedupe_key = max_trials, dedupe_key
+        self.warm = list(warm_start or [])  # (label, genome): scored first, as generation -1
         self.told: list[tuple[int, list[TrialRecord]]] = []  # generations this worker told (for progress)
-        self.initial = optimizer.state_dict()  # before any ask: the run's first state
 
     def advance(self) -> str | None:
         """Bring the queue up to date; returns "converged" when the optimizer stops, else None."""
         state = self.store.load_optimizer_state()
-        if state is None:  # the first worker to get here fixes the run's initial state
-            self.store.save_optimizer_state(self.initial)
-            state = self.initial
-        self.opt.load_state_dict(state)  # as of the last tell
         records = self.store.trials()
+        if state is None:  # the first worker to get here fixes the run's initial state
+            if self.warm:
+                done = _finished_by_index(records, WARM_GENERATION)
+                if len(done) < len(self.warm):
+                    self._enqueue_missing(records, WARM_GENERATION, [g for _, g in self.warm],
+                                          labels=[label for label, _ in self.warm])
+                    return None
+                self.opt.start_at(self.warm[_best_index(done, len(self.warm))][1])
+            state = self.opt.state_dict()
+            self.store.save_optimizer_state(state)
+        self.opt.load_state_dict(state)  # as of the last tell
         while True:
             if self.opt.should_stop():
                 return "converged"
@@ -74,7 +83,8 @@ class GenerationQueue:
         self.store.save_optimizer_state(self.opt.state_dict())
         self.told.append((gen, results))
 
-    def _enqueue_missing(self, records: list[TrialRecord], gen: int, asked: list[np.ndarray]) -> None:
+    def _enqueue_missing(self, records: list[TrialRecord], gen: int, asked: list[np.ndarray],
+                         labels: list[str] | None = None) -> None:
         present = {r.gen_index for r in records if r.generation == gen and r.status in ACTIVE}
         used = sum(1 for r in records if r.status in ACTIVE)
         room = self.max_trials - used
@@ -83,7 +93,8 @@ class GenerationQueue:
                 continue
             if room <= 0:
                 return
-            self.store.enqueue(genome, {"generation": gen, "gen_index": i, "key": self.dedupe_key(genome)})
+            extra = {"warm_start": labels[i]} if labels else {}
+            self.store.enqueue(genome, {"generation": gen, "gen_index": i, "key": self.dedupe_key(genome)} | extra)
             room -= 1
 
 
@@ -93,3 +104,11 @@ def _finished_by_index(records: list[TrialRecord], gen: int) -> dict[int, TrialR
         if r.finished and r.generation == gen and r.gen_index is not None:
             out.setdefault(r.gen_index, r)
     return out
+
+
+def _best_index(done: dict[int, TrialRecord], n: int) -> int:
+    """The warm-start candidate with the best first objective (failed ones last, ties to the first)."""
+    def score(i: int) -> float:
+        r = done[i]
+        return r.values[0] if r.status == "ok" and r.values else -np.inf
+    return max(range(n), key=lambda i: (score(i), -i))

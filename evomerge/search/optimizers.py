@@ -95,6 +95,11 @@ class Optimizer(ABC):
     def should_stop(self) -> bool:
         return False
 
+    def start_at(self, x0: np.ndarray) -> None:
+        """Start the search at `x0` (a warm start; before the first ask). Samplers learn from the trials
+        instead, so by default this does nothing."""
+        return None
+
     @abstractmethod
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue after the last `tell` (picklable)."""
@@ -192,6 +197,12 @@ class CMAOptimizer(Optimizer):
 
     def should_stop(self) -> bool:
         return self._cma_stopped() and self.restarts_done >= self.restarts
+
+    def start_at(self, x0: np.ndarray) -> None:
+        """The ES's mean at `x0`, with the same seed and sigma as a fresh start."""
+        self.x0 = np.clip(np.asarray(x0, dtype=float), 0.0, 1.0)
+        self._rng = np.random.RandomState(self.seed % 2**32)
+        self.es = self._new_es(self.popsize)
 
     def ask(self, n: int | None = None) -> list[np.ndarray]:
         if self._cma_stopped() and self.restarts_done < self.restarts:

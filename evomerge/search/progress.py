@@ -85,7 +85,8 @@ class _Stats:
 
 
 class RichProgress(Progress):
-    """A rich progress bar with the search figures, and a log line per generation and per failure."""
+    """A rich progress line with the search figures, and a line per generation and per failure. Every line fits
+    the terminal (it is cut with an ellipsis, never wrapped) and starts with the trial count `trial n/N`."""
 
     def __init__(self, console: Any = None, *, log_trials: bool = False):
         from rich.console import Console
@@ -96,54 +97,66 @@ class RichProgress(Progress):
         self._progress: RichBar | None = None
         self._task: TaskID | None = None
 
+    def _count(self) -> str:
+        return f"trial {self.stats.finished}/{self.stats.max_trials}"
+
     def _line(self, best: list["TrialRecord"]) -> str:
+        """The figures after the count and the bar, most important first (the end is cut on narrow terminals)."""
         st = self.stats
         b = f"#{best[0].number} {_fmt_values(best[0].values)}" if best else "-"
         merge, ev = st.mean(st.merge_s), st.mean(st.eval_s)
-        return (f"gen {st.generation} | best {b} | merge {merge:.2f}s | eval {ev:.2f}s | failed {st.failed} | "
-                f"ETA {_fmt_seconds(st.eta())}") if merge is not None and ev is not None else (
-                f"gen {st.generation} | best {b} | failed {st.failed} | ETA {_fmt_seconds(st.eta())}")
+        times = f" | merge {merge:.2f}s eval {ev:.2f}s" if merge is not None and ev is not None else ""
+        return f"ETA {_fmt_seconds(st.eta())} | best {b} | gen {st.generation}{times} | failed {st.failed}"
+
+    def _say(self, text: str) -> None:
+        """One line above the progress line (or alone), cut to the terminal's width."""
+        from rich.text import Text
+
+        console = self._progress.console if self._progress is not None else self.console
+        console.print(Text(text), no_wrap=True, overflow="ellipsis", crop=True, soft_wrap=False)
 
     def start(self, *, max_trials: int, finished: int, max_seconds: float | None) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import BarColumn, TextColumn
         from rich.progress import Progress as RP
+        from rich.table import Column
 
         self.stats = _Stats()
         self.stats.max_trials, self.stats.finished, self.stats.max_seconds = max_trials, finished, max_seconds
-        self._progress = RP(TextColumn("trial"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
-                            TextColumn("{task.fields[line]}"), console=self.console, transient=False)
+        self._progress = RP(TextColumn("{task.fields[count]}", table_column=Column(no_wrap=True)),
+                            BarColumn(bar_width=10),
+                            TextColumn("{task.fields[line]}", table_column=Column(no_wrap=True, overflow="ellipsis",
+                                                                                  ratio=1)),
+                            console=self.console, transient=False, expand=True)
         self._progress.start()
-        self._task = self._progress.add_task("search", total=max_trials, completed=finished, line="starting")
+        self._task = self._progress.add_task("search", total=max_trials, completed=finished, count=self._count(),
+                                             line="starting")
 
     def trial(self, record: "TrialRecord", best: list["TrialRecord"]) -> None:
         self.stats.add(record)
         if self._progress is not None:
             assert self._task is not None  # start() sets both
-            self._progress.update(self._task, completed=self.stats.finished, line=self._line(best))
+            self._progress.update(self._task, completed=self.stats.finished, count=self._count(), line=self._line(best))
             if record.status != "ok" and record.duplicate_of is None:
-                from rich.markup import escape
-
-                self._progress.console.log(f"trial {record.number} failed: {escape(record.error)}")
+                self._say(f"{self._count()} | trial {record.number} failed: {record.error}")
             elif self.log_trials:
-                self._progress.console.log(f"trial {record.number}: {_fmt_values(record.values)}")
+                self._say(f"{self._count()} | trial {record.number}: {_fmt_values(record.values)}")
 
     def generation(self, generation: int, records: list["TrialRecord"], best: list["TrialRecord"]) -> None:
         ok = [r.values[0] for r in records if r.status == "ok" and r.values]
         if self._progress is not None and ok:
-            self._progress.console.log(
-                f"generation {generation}: best {max(ok):.4g} mean {sum(ok) / len(ok):.4g} "
-                f"({len(ok)}/{len(records)} ok) | run best {_fmt_values(best[0].values) if best else '-'}")
+            self._say(f"{self._count()} | generation {generation}: best {max(ok):.4g} mean {sum(ok) / len(ok):.4g} "
+                      f"({len(ok)} of {len(records)} ok) | run best {_fmt_values(best[0].values) if best else '-'}")
 
     def finish(self, summary: Any) -> None:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
         best = summary.best
-        self.console.print(
-            f"search stopped ({summary.stop_reason}): {summary.finished} finished trials, "
-            f"{summary.evaluated} evaluated now ({summary.failed} failed, {summary.duplicates} duplicates) "
-            f"in {_fmt_seconds(summary.seconds)}; "
-            f"best {('#%d %s' % (best.number, _fmt_values(best.values))) if best else '-'}")
+        self.stats.finished = summary.finished
+        self._say(f"{self._count()} | stopped ({summary.stop_reason}) | "
+                  f"best {('#%d %s' % (best.number, _fmt_values(best.values))) if best else '-'} | "
+                  f"{summary.finished} finished trials, {summary.evaluated} evaluated now ({summary.failed} failed, "
+                  f"{summary.duplicates} duplicates) in {_fmt_seconds(summary.seconds)}")
 
 
 def make_progress(quiet: bool = False, console: Any = None, *, log_trials: bool = False) -> Progress:

@@ -262,6 +262,40 @@ class ParameterSpace:
     def initial_genome(self) -> np.ndarray | None:
         return None  # the centre of every range
 
+    def baseline_genomes(self) -> list[tuple[str, np.ndarray]]:
+        """The uniform hand-made merges of this space's method (one value for every layer and model) as
+        genomes, for a warm start. A setting is left out when it is no point of this space: a value outside
+        an evolved range, or different from a value the space fixes."""
+        from evomerge.spaces.baselines import uniform_baselines
+
+        out: list[tuple[str, np.ndarray]] = []
+        keys: set[str] = set()
+        for label, recipes in uniform_baselines(self.config, self.refs).items():
+            for recipe in recipes:
+                values = _uniform_values(recipe)
+                if recipe.merge_method != self.method or not self.dim or values is None:
+                    continue
+                if not self._holds(values):
+                    continue
+                genome = np.array([gene.gene(values[gene.param]) for gene in self.genes])
+                key = self.dedupe_key(genome)
+                if key not in keys:
+                    keys.add(key)
+                    out.append((f"{label}: " + ", ".join(f"{k} {v:g}" for k, v in values.items()), genome))
+        return out
+
+    def _holds(self, values: dict[str, float]) -> bool:
+        for name, setting in self.config.parameters.items():
+            if name not in values:
+                continue
+            if isinstance(setting, Evolved):
+                gene = next(g for g in self.genes if g.param == name)
+                if abs(gene.value(gene.gene(values[name])) - values[name]) > 1e-9:
+                    return False
+            elif isinstance(setting, (int, float)) and not isinstance(setting, bool) and setting != values[name]:
+                return False
+        return all(g.param in values for g in self.genes)
+
     @property
     def target(self) -> str:
         """The model whose tokenizer, config and (with a vocabulary policy) embeddings the merge keeps."""
@@ -279,3 +313,16 @@ class ParameterSpace:
         by_ref = {self.refs[n]: s for n, s in self.sources.items()}
         session = MergeSession.open(template, device="cpu", source=self.source, sources=by_ref)
         return ResidentMerger(template, device=device, offload=offload, source=self.source, session=session)
+
+
+
+def _uniform_values(recipe: Recipe) -> dict[str, float] | None:
+    """The per-model values of a recipe that gives every model the same scalar settings, else None."""
+    values: dict[str, float] | None = None
+    for entry in recipe.models or []:
+        params = {k: float(v) for k, v in (entry.parameters or {}).items() if isinstance(v, (int, float))}
+        if values is None:
+            values = params
+        elif params != values:
+            return None
+    return values

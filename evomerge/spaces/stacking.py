@@ -138,6 +138,9 @@ class StackSpace:
         text = repr((path, [round(s, 4) for s in scales]))
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
+    def baseline_genomes(self) -> list[tuple[str, np.ndarray]]:
+        return []  # a layer stack has no uniform hand-made counterpart to start from
+
     def tokenizer_source(self) -> WeightSource:
         return self.sources[self.target_index]
 

@@ -84,7 +84,7 @@ def heldout_table(ctx: RunContext, best: list[TrialRecord]) -> dict[str, Any]:
             del model
     if cfg.heldout.baselines and cfg.stacking is None:
         from evomerge.merge.resident import ResidentMerger
-        from evomerge.workflow.baselines import uniform_baselines
+        from evomerge.spaces.baselines import uniform_baselines
 
         mergers: dict[str, ResidentMerger] = {}
         for label, recipes in uniform_baselines(cfg, ctx.refs).items():

@@ -150,9 +150,11 @@ def handle_sigterm() -> Iterator[None]:
 def _search_and_finish(ctx: RunContext, store: RunStore, *, quiet: bool) -> Path:
     slot = store.register_worker()
     optimizer = _optimizer(ctx, slot)
+    warm = ctx.space.baseline_genomes() if ctx.config.warm_start and not ctx.config.seed_recipes else []
     summary = run_search(store, optimizer, make_objective(ctx), max_trials=ctx.config.budget.trials,
                          max_seconds=ctx.config.budget.seconds, dedupe_key=ctx.space.dedupe_key,
-                         progress=make_progress(quiet=quiet), slot=slot, backup_every=optimizer.popsize)
+                         progress=make_progress(quiet=quiet), slot=slot, backup_every=optimizer.popsize,
+                         warm_start=warm)
     with store.lease("finish", 3600):
         done = store.attrs.get("results_for")
         if done != summary.finished:  # results are written once per state of the run, by one worker

@@ -305,3 +305,32 @@ def test_two_tpe_workers_never_evaluate_the_same_candidate(tmp_path):
     assert len({r.key for r in evaluated}) == len(evaluated)  # no candidate evaluated twice
     assert {r.worker["pid"] for r in finished} == {p.pid for p in procs}  # both workers worked
     assert not any(r.status == "running" for r in recs)
+
+
+def test_warm_start_scores_the_baselines_first_and_starts_cmaes_at_the_best(tmp_path):
+    from evomerge.search.optimizers import CMAOptimizer
+
+    warm = [("far", np.full(4, 0.9)), ("best", np.full(4, 0.35)), ("worse", np.full(4, 0.6))]
+    store = new_store(tmp_path)
+    s = run_search(store, make_optimizer("cmaes", 4, seed=1, sigma0=0.2), quadratic, max_trials=3 + 8,
+                   warm_start=warm)
+    recs = store.trials()
+    assert [r.status for r in recs[:3]] == ["ok"] * 3 and [r.generation for r in recs[:3]] == [-1] * 3
+    assert [np.asarray(r.genome).tolist() for r in recs[:3]] == [g.tolist() for _, g in warm]
+    assert s.finished == 11 and [r.generation for r in recs[3:]] == [0] * 8
+    # the first generation was drawn around the best baseline: its mean is that genome
+    fresh = make_optimizer("cmaes", 4, seed=1, sigma0=0.2)
+    assert isinstance(fresh, CMAOptimizer)
+    fresh.start_at(np.full(4, 0.35))
+    expected = fresh.ask()
+    assert all(np.array_equal(np.asarray(r.genome), x) for r, x in zip(recs[3:], expected))
+    assert np.allclose(fresh.es.mean, 0.35)
+
+
+def test_warm_start_candidates_are_waiting_trials_for_samplers(tmp_path):
+    warm = [("a", np.full(2, 0.1)), ("b", np.full(2, 0.3))]
+    store = new_store(tmp_path)
+    run_search(store, make_optimizer("tpe", 2, seed=0, popsize=4), quadratic, max_trials=6, warm_start=warm)
+    recs = store.trials()
+    assert [np.asarray(r.genome).tolist() for r in recs[:2]] == [[0.1, 0.1], [0.3, 0.3]]
+    assert len([r for r in recs if r.finished]) == 6

@@ -40,6 +40,7 @@ def _space(fam: dict[str, Path], tmp: Path) -> Path:
         "budget": {"trials": 12},
         "heldout": {"top_k": 1, "sources": False, "baselines": False},
         "seed": 5,
+        "warm_start": False,  # the search loop as it was when the fingerprint was recorded
         "run_dir": str(tmp / "run"),
     }
     path = tmp / "space.yaml"
