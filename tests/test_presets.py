@@ -41,7 +41,6 @@ STAND_INS = {"evollm_jp_ps": MISTRAL_7B, "evollm_jp_dfs": MISTRAL_7B, "ko_chat_v
              "solar_dus": TINY_MISTRAL_32, "solar_dus_search": TINY_MISTRAL_32}
 # the EvoLLM-JP presets cannot run: their lm-eval task sets neither n_heldout nor per_category, so every MGSM-JA
 # item is in the search split and the held-out split the run builds right after loading the weights is empty
-NO_HELDOUT = {"evollm_jp_ps", "evollm_jp_dfs"}
 
 
 def _config(folder: Path, cfg: dict) -> str:
@@ -92,11 +91,7 @@ def test_there_are_presets_for_every_scenario():
             "demo_ps_dfs"} <= names
 
 
-@pytest.mark.parametrize("preset", [
-    pytest.param(p, marks=pytest.mark.xfail(
-        strict=True, raises=DataError,
-        reason="lm-eval task without n_heldout / per_category: empty held-out split")) if p.stem in NO_HELDOUT
-    else p for p in PRESETS], ids=lambda p: p.stem)
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
 def test_preset_validates(preset, fake_zoo, tmp_path, capsys):
     space = _with_stand_ins(preset, tmp_path)
     report = check_space(space)
@@ -118,10 +113,6 @@ GENOMES = {  # the sizes the presets' comments promise
 @pytest.mark.parametrize("name", sorted(GENOMES))
 def test_preset_genome_sizes(name, fake_zoo, tmp_path):
     space = _with_stand_ins(ROOT / f"{name}.yaml", tmp_path)
-    if name in NO_HELDOUT:  # see test_evollm_presets_have_no_heldout_split
-        data = yaml.safe_load(space.read_text())
-        data["tasks"][0]["n_heldout"] = 50
-        space.write_text(yaml.safe_dump(data))
     report = check_space(space)
     assert report.dim == GENOMES[name]
     summary = report.summary()
@@ -129,15 +120,17 @@ def test_preset_genome_sizes(name, fake_zoo, tmp_path):
     assert ("1 model " if len(report.models) == 1 else f"{len(report.models)} models ") in summary
 
 
-def test_evollm_presets_have_no_heldout_split(tmp_path, fake_zoo):
-    """Why they validated "ok" before the preflight and still could not run: `evomerge run` loads every weight,
-    creates the run folder, then builds the held-out evaluator, whose split is empty."""
-    for name in sorted(NO_HELDOUT):
-        space = _with_stand_ins(ROOT / f"{name}.yaml", tmp_path / name)
-        with pytest.raises(DataError) as err:
-            validate_space(space)
-        assert str(err.value).startswith(f"{space}: key 'tasks.0.n_heldout':")
-        assert "held-out split is empty" in str(err.value)
+def test_an_lm_eval_task_without_a_held_out_split_is_refused_before_anything_runs(tmp_path, fake_zoo):
+    """What kept the evollm presets from running: `evomerge run` loaded every weight, created the run folder,
+    then built the held-out evaluator, whose split was empty. Preflight says so at once."""
+    space = _with_stand_ins(ROOT / "evollm_jp_ps.yaml", tmp_path)
+    data = yaml.safe_load(space.read_text())
+    del data["tasks"][0]["n_heldout"]
+    space.write_text(yaml.safe_dump(data))
+    with pytest.raises(DataError) as err:
+        validate_space(space)
+    assert str(err.value).startswith(f"{space}: key 'tasks.0.n_heldout':")
+    assert "held-out split is empty" in str(err.value)
 
 
 def test_ps_dfs_preset_needs_its_ps_run(fake_zoo, tmp_path):
