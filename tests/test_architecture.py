@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "evomerge"
 
 # Lowest first; a module may import its own layer or any layer below it, never one above.
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "dtypes", "envvars", "yamlio", "tables", "quiet"),  # helpers every layer may use
+    ("errors", "dtypes", "envvars", "yamlio", "tables", "quiet", "threads"),  # helpers every layer may use
     ("models",),  # weight sources, GGUF, live causal LMs, layouts, vocabularies
     ("recipe",),  # the mergekit recipe format
     ("merge",),  # merge maths, plans, the resident merger, stacking, materializing folders

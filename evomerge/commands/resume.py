@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from evomerge.threads import CLI_HELP, cli_count
+from evomerge.threads import CLI_HELP, cli_count, request_threads
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,5 +24,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from evomerge.workflow.run import resume_run
 
+    request_threads(args.threads)
     resume_run(args.run_dir, quiet=args.quiet, max_trials=args.trials, from_backup=args.from_backup)
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from evomerge.threads import CLI_HELP, cli_count
+from evomerge.threads import CLI_HELP, cli_count, request_threads
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from evomerge.workflow.run import start_run
 
+    request_threads(args.threads)
     start_run(args.space, run_dir=args.run_dir, overwrite=args.overwrite, quiet=args.quiet, max_trials=args.trials,
               storage=args.storage)
     return 0

@@ -2,6 +2,9 @@
 
 `score` returns (metrics, per_item): metrics maps metric name -> value (always the task's objective metric,
 plus ``loss`` = mean negative answer log-likelihood when it is available), per_item maps item id -> details.
+
+Kept as one module on purpose: every task kind shares the preparation (reading, splitting, prompting,
+tokenizing once) and the scoring interface, and each kind's code is short.
 """
 
 from __future__ import annotations

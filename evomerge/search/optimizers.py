@@ -25,7 +25,7 @@ import optuna
 
 from evomerge.config import OPTIMIZERS
 from evomerge.errors import ConfigError
-from evomerge.store import gene_name
+from evomerge.spaces.genes import GeneLayout
 
 
 def worker_seed(seed: int, slot: int) -> int:
@@ -261,8 +261,16 @@ class OptunaOptimizer(Optimizer):
         self.name = name
         self.sampler = sampler
 
+    def use_genes(self, layout: GeneLayout) -> None:
+        """Propose under these names and real-unit ranges (what the study and optuna-dashboard show)."""
+        if len(layout) != self.dim:
+            raise ValueError(f"the gene layout has {len(layout)} genes, the optimizer {self.dim}")
+        self.layout = layout
+
     def sample(self, trial: optuna.trial.Trial) -> np.ndarray:
-        return np.array([trial.suggest_float(gene_name(i), 0.0, 1.0) for i in range(self.dim)])
+        layout = getattr(self, "layout", None) or GeneLayout.unit(self.dim)
+        values = [trial.suggest_float(n, lo, hi) for n, lo, hi in zip(layout.names, layout.lows, layout.highs)]
+        return np.clip(layout.genome(values), 0.0, 1.0)
 
     def tell(self, genomes: Sequence[np.ndarray], values: Sequence[float | Sequence[float]]) -> None:
         if len(values) != len(genomes):
@@ -300,6 +308,7 @@ def make_optimizer(
     restarts: int = 0,
     sampler_kwargs: dict[str, Any] | None = None,
     slot: int = 0,
+    layout: GeneLayout | None = None,
 ) -> Optimizer:
     """Build an optimizer by name (see OPTIMIZERS). `sampler_kwargs` go to the Optuna sampler's
     constructor, or for "cmaes" into cma's options dict. `slot`: the worker's slot in a shared run: each
@@ -321,7 +330,7 @@ def make_optimizer(
                                   allowed="0, or optimizer cmaes for IPOP restarts")
             # Optuna's defaults already are the centre of the box and sigma0 = range / 6
             if x0 is not None:
-                kw.setdefault("x0", {gene_name(i): float(v) for i, v in enumerate(x0)})
+                kw.setdefault("x0", (layout or GeneLayout.unit(dim)).params(np.asarray(x0)))
             if not math.isclose(sigma0, 1 / 6):
                 kw.setdefault("sigma0", sigma0)
             kw.setdefault("popsize", pop)
@@ -337,4 +346,7 @@ def make_optimizer(
             sampler = optuna.samplers.RandomSampler(seed=seed, **kw)
         else:
             raise ConfigError(f"unknown optimizer '{name}'", key="optimizer", allowed=", ".join(OPTIMIZERS))
-    return OptunaOptimizer(name, sampler, dim, seed=seed, n_objectives=n_objectives, popsize=pop)
+    opt = OptunaOptimizer(name, sampler, dim, seed=seed, n_objectives=n_objectives, popsize=pop)
+    if layout is not None:
+        opt.use_genes(layout)
+    return opt

@@ -51,6 +51,9 @@ class GenomeSpace(Protocol):
     def layer_params(self, genome: np.ndarray) -> dict[str, list[float]]:
         """Row label -> per-layer values, for the report."""
 
+    def gene_layout(self) -> Any:
+        """A `GeneLayout`: the genes' names and real-unit ranges as the study shows them."""
+
     def baseline_genomes(self) -> list[tuple[str, np.ndarray]]:
         """(label, genome) of the uniform hand-made merges that are points of this space (for a warm start)."""
 

@@ -23,6 +23,7 @@ from evomerge.merge.resident import ResidentMerger
 from evomerge.merge.session import MergeSession
 from evomerge.models.sources import WeightSource
 from evomerge.recipe import Conditional, EvomergeOptions, ModelEntry, Recipe, evaluate_setting
+from evomerge.spaces.genes import GeneLayout
 
 DEFAULT_GRIDS = {"density": 0.001}
 COMPONENT_FILTERS = {"attn": "self_attn", "mlp": "mlp"}
@@ -261,6 +262,17 @@ class ParameterSpace:
 
     def initial_genome(self) -> np.ndarray | None:
         return None  # the centre of every range
+
+    def gene_layout(self) -> GeneLayout:
+        """Readable gene names in real units for the study: `sort.weight.layer0`, `x.density.layers0-1.mlp`."""
+        names = []
+        for gene in self.genes:
+            layers = self.groups[gene.group]
+            where = (f"layer{layers[0]}" if len(layers) == 1 else
+                     "all_layers" if len(layers) == self.num_layers else f"layers{layers[0]}-{layers[-1]}")
+            part = "" if gene.component == "all" else f".{gene.component}"
+            names.append(f"{gene.model or 'all'}.{gene.param}.{where}{part}")
+        return GeneLayout(tuple(names), tuple(g.low for g in self.genes), tuple(g.high for g in self.genes))
 
     def baseline_genomes(self) -> list[tuple[str, np.ndarray]]:
         """The uniform hand-made merges of this space's method (one value for every layer and model) as

@@ -27,6 +27,7 @@ from evomerge.merge.dfs import DfsSpace, check_stackable
 from evomerge.merge.stacking import build_recipe_model, to_passthrough_recipe
 from evomerge.models.sources import WeightSource
 from evomerge.recipe import Recipe
+from evomerge.spaces.genes import GeneLayout
 
 
 @dataclass
@@ -137,6 +138,9 @@ class StackSpace:
         path, scales = self.path_of(genome)
         text = repr((path, [round(s, 4) for s in scales]))
         return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+    def gene_layout(self) -> GeneLayout:
+        return GeneLayout.unit(self.dim)  # layer indicators and transition scales: positions, not units
 
     def baseline_genomes(self) -> list[tuple[str, np.ndarray]]:
         return []  # a layer stack has no uniform hand-made counterpart to start from

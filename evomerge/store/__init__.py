@@ -3,7 +3,7 @@
 
 from evomerge.store.folder import RunFolder, atomic_write_bytes, atomic_write_text
 from evomerge.store.records import FINISHED_STATUSES, TrialRecord
-from evomerge.store.run_store import RunStore, gene_name, sha256_text
+from evomerge.store.run_store import RunStore, sha256_text
 
 __all__ = ["FINISHED_STATUSES", "RunFolder", "RunStore", "TrialRecord", "atomic_write_bytes", "atomic_write_text",
-           "gene_name", "sha256_text"]
+           "sha256_text"]

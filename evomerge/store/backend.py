@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import optuna
-from optuna.distributions import FloatDistribution
+from optuna.distributions import BaseDistribution
 from optuna.storages._rdb import models
 from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import TrialState
@@ -179,12 +179,11 @@ def load_state(storage: optuna.storages.RDBStorage, key: str) -> bytes | None:
 
 
 # -- the trial queue ------------------------------------------------------------------------------------
-def enqueue(study: optuna.Study, params: dict[str, float], user_attrs: dict[str, Any]) -> int:
-    """A WAITING trial holding `params` (floats in [0, 1]) and `user_attrs`, written in one insert;
-    returns its number."""
-    dist = FloatDistribution(0.0, 1.0)
-    template = optuna.trial.create_trial(state=TrialState.WAITING, params=params,
-                                         distributions={k: dist for k in params}, user_attrs=user_attrs)
+def enqueue(study: optuna.Study, params: dict[str, float], distributions: dict[str, BaseDistribution],
+            user_attrs: dict[str, Any]) -> int:
+    """A WAITING trial holding `params` and `user_attrs`, written in one insert; returns its number."""
+    template = optuna.trial.create_trial(state=TrialState.WAITING, params=params, distributions=distributions,
+                                         user_attrs=user_attrs)
     tid = study._storage.create_new_trial(study._study_id, template_trial=template)
     return frozen_trial(study, tid).number
 

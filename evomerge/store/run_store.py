@@ -24,6 +24,7 @@ import optuna
 from optuna.trial import TrialState
 
 from evomerge.errors import ConfigError
+from evomerge.spaces.genes import GeneLayout
 from evomerge.store import backend
 from evomerge.store.folder import RunFolder, atomic_write_text
 from evomerge.store.integrity import backup_database, check_database, is_disk_full
@@ -38,11 +39,6 @@ QUEUE_LEASE = "queue"  # held while the set of waiting / running trials changes 
 
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def gene_name(i: int) -> str:
-    """Optuna parameter name of gene i (zero padded so the dashboard sorts them)."""
-    return f"g{i:04d}"
 
 
 def _has_study(url: str, name: str) -> bool:
@@ -66,6 +62,7 @@ class RunStore:
         self.storage_url = storage_url or folder.storage_url
         # our tables are shared by every run in a database (a server holds many): keys carry the study's id
         self._ns = f"{backend.study_id(study)}:"
+        self.layout: GeneLayout | None = None
 
     @property
     def run_dir(self):
@@ -238,8 +235,14 @@ class RunStore:
 
     def enqueue(self, genome: np.ndarray, attrs: dict[str, Any]) -> int:
         """A WAITING trial holding `genome` for any worker to pop; returns its number."""
-        return backend.enqueue(self.study, {gene_name(i): float(v) for i, v in enumerate(genome)},
+        layout = self.layout if self.layout is not None and len(self.layout) == len(genome) else GeneLayout.unit(
+            len(genome))
+        return backend.enqueue(self.study, layout.params(genome), layout.distributions(),
                                {"genome": [float(x) for x in genome], "status": "waiting", **attrs})
+
+    def use_genes(self, layout: GeneLayout) -> None:
+        """Name the genes of trials enqueued from now on (readable names in real units for the dashboard)."""
+        self.layout = layout
 
     def pop_waiting(self) -> optuna.trial.Trial | None:
         """The oldest WAITING trial, now RUNNING for this process (atomic across workers), or None."""

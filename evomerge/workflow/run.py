@@ -23,6 +23,7 @@ from evomerge.search.optimizers import Optimizer, make_optimizer
 from evomerge.search.progress import make_progress
 from evomerge.store import RunFolder, RunStore, atomic_write_text
 from evomerge.store.integrity import restore_latest_backup
+from evomerge.threads import apply_threads, choose_threads
 from evomerge.workflow.context import RunContext, build_context, make_objective
 from evomerge.workflow.heldout import heldout_markdown, heldout_table, score_row
 from evomerge.workflow.preflight import preflight
@@ -48,7 +49,8 @@ def _optimizer(ctx: RunContext, slot: int = 0) -> Optimizer:
     else:
         x0 = ctx.space.initial_genome()
     return make_optimizer(opt.name, ctx.space.dim, seed=ctx.config.seed, n_objectives=len(ctx.directions),
-                          popsize=opt.popsize, sigma0=opt.sigma0, x0=x0, restarts=opt.restarts, slot=slot)
+                          popsize=opt.popsize, sigma0=opt.sigma0, x0=x0, restarts=opt.restarts, slot=slot,
+                          layout=ctx.space.gene_layout())
 
 
 def _rel(path: str, base_dir: Path) -> Path:
@@ -68,6 +70,7 @@ def start_run(space_path: str | Path, *, run_dir: str | Path | None = None, over
     URL (e.g. postgresql://...) that workers on other machines join with `evomerge worker`."""
     _quiet_transformers()
     config, text = load_search_space(space_path)
+    apply_threads(choose_threads(config.threads))
     base_dir = Path(space_path).resolve().parent
     folder = RunFolder(run_dir if run_dir else default_run_dir(config))
     if max_trials is not None:
@@ -116,6 +119,7 @@ def _join(store: RunStore, *, quiet: bool, max_trials: int | None) -> Path:
     for var, value in meta.get("env", {}).items():  # ${VAR}s in the snapshot resolve as when the run started
         os.environ.setdefault(var, value)
     config = parse_search_space(text, source=source)
+    apply_threads(choose_threads(config.threads))
     budget = store.attrs.get("budget_config") or {}
     config.budget.trials = int(budget.get("trials", config.budget.trials))  # a --trials given at the start
     if max_trials is not None:
@@ -150,6 +154,7 @@ def handle_sigterm() -> Iterator[None]:
 def _search_and_finish(ctx: RunContext, store: RunStore, *, quiet: bool) -> Path:
     slot = store.register_worker()
     optimizer = _optimizer(ctx, slot)
+    store.use_genes(ctx.space.gene_layout())
     warm = ctx.space.baseline_genomes() if ctx.config.warm_start and not ctx.config.seed_recipes else []
     summary = run_search(store, optimizer, make_objective(ctx), max_trials=ctx.config.budget.trials,
                          max_seconds=ctx.config.budget.seconds, dedupe_key=ctx.space.dedupe_key,

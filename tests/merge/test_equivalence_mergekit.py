@@ -238,3 +238,39 @@ def test_float32_kernels_in_bfloat16_are_mergekits_rounded(method, llama_family,
     ours = _read_dir(tmp_path / "ours")
     for name, ref in theirs.items():
         assert ours[name].dtype == torch.bfloat16 and torch.equal(ours[name], ref.to(torch.bfloat16)), name
+
+
+@pytest.fixture(scope="module")
+def far_expert(llama_family, tmp_path_factory):
+    """The base plus noise as large as each tensor's spread: weight matrices at cosine ~0.7 from the base, where
+    slerp is spherical (the family's own experts sit at cosine > 0.9995, where slerp falls back to lerp)."""
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.models.tiny import perturbed, save_model
+
+    base = AutoModelForCausalLM.from_pretrained(llama_family["base"]).eval()
+    return save_model(perturbed(base, seed=11, scale=1.0), None, tmp_path_factory.mktemp("far") / "far")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_slerp_of_far_apart_models_equals_mergekit(dtype, llama_family, far_expert, tmp_path):
+    """Real spherical interpolation, not its lerp fallback: replacing evomerge's slerp by lerp fails this test."""
+    recipe = _bind({"merge_method": "slerp", "base_model": "base", "models": [{"model": "base"}, {"model": "far"}],
+                    "parameters": {"t": [{"filter": "self_attn", "value": 0.3}, {"value": 0.6}]}, "dtype": dtype},
+                   {"base": llama_family["base"], "far": far_expert})
+    theirs = _mergekit(recipe, tmp_path / "mk")
+    materialize(Recipe.from_dict(recipe), tmp_path / "ours", progress=False, copy_tokenizer=False)
+    _assert_same(_read_dir(tmp_path / "ours"), theirs, dtype)
+
+    a_all, b_all = _read_dir(llama_family["base"]), _read_dir(far_expert)
+    spherical = 0
+    for name, merged in theirs.items():
+        a, b = a_all[name].double().flatten(), b_all[name].double().flatten()
+        cos = float(a @ b / (a.norm() * b.norm()))
+        if abs(cos) > 0.9995:
+            continue  # norms: near-collinear, lerp in mergekit as here
+        t = 0.3 if "self_attn" in name else 0.6
+        lerp = (1 - t) * a + t * b
+        assert (merged.double().flatten() - lerp).abs().max() > 1e-3, f"{name}: slerp equals lerp (cos {cos:.3f})"
+        spherical += 1
+    assert spherical >= len(theirs) // 2, f"only {spherical} of {len(theirs)} tensors are far apart"

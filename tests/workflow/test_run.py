@@ -80,7 +80,8 @@ def test_short_search_completes_and_leaves_a_full_run_folder(llama_family, tmp_p
     rows = json.loads((run / "heldout.json").read_text())["rows"]
     names = [r["name"] for r in rows]
     assert sum(n.startswith("source:") for n in names) == 4
-    assert {"baseline: average", "baseline: ties, uniform", "baseline: task arithmetic, uniform"} <= set(names)
+    labels = {n.split(": ")[1] for n in names if n.startswith("baseline:")}  # "baseline: LABEL: settings"
+    assert {"average", "ties, uniform", "task arithmetic, uniform"} <= labels
     assert names[-1].startswith("evolved #1")
     splits = json.loads((run / "splits.json").read_text())
     assert not set(splits["search"]["add"]) & set(splits["heldout"]["add"])

@@ -3,6 +3,8 @@ exported passthrough recipe reproduces the live stacked model through `evomerge 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -141,20 +143,46 @@ def test_ps_plus_dfs_kill_9_and_resume(llama_family, tmp_path):
     assert str((run_a / "ps_model").resolve()) in best.referenced_models()
 
 
+def _recipe_path(recipe: Recipe, refs: list[str]) -> list[tuple[int, int]]:
+    """(source index, layer) of every layer the recipe's slices stack, in order (empty slices add none)."""
+    path = []
+    for s in recipe.slices:
+        src = s.sources[0]
+        path += [(refs.index(str(src.model)), layer) for layer in range(*src.layer_range)]
+    return path
+
+
 @pytest.mark.parametrize("drop", [None, 1])
 def test_dus_search_and_fixed_dus(drop, llama_family, tmp_path):
+    """The best genome's layer path is exactly the path best.yaml's slices stack, and a DUS path: the first copy
+    keeps layers [0, end), the second [start, n), with end >= n/2 >= start (a fixed drop d: end = n - d, start = d)."""
+    from evomerge.config import load_search_space
+    from evomerge.workflow.context import build_context
     from evomerge.workflow.run import start_run
 
     stacking = {"mode": "dus", "target": "a"} | ({"drop": drop} if drop else {})
-    run = start_run(_space(llama_family, tmp_path, stacking, budget={"trials": 4}), quiet=True)
+    path = _space(llama_family, tmp_path, stacking, budget={"trials": 4})
+    run = start_run(path, quiet=True)
     best = Recipe.load(run / "best.yaml")
-    n_layers = sum(s.sources[0].layer_range[1] - s.sources[0].layer_range[0] for s in best.slices)
+    store = RunStore.open(run)
+    trial = store.best(1)[0]
+    trials = [t for t in store.trials() if t.finished]
+    store.close()
+
+    space, text = load_search_space(path)
+    ctx = build_context(space, text, source=str(path), base_dir=tmp_path, load=False)
+    decoded, scales = ctx.space.path_of(trial.genome)
+    assert _recipe_path(best, [str(r) for r in ctx.space.refs]) == decoded
+    assert trial.layer_params["layer (global index)"] == [float(layer) for _, layer in decoded]
+    assert scales == [1.0] * len(decoded)
+    n = 4
     if drop:
-        assert n_layers == 2 * 4 - 2 * drop
-        trials = [t for t in RunStore.open(run).trials() if t.finished]
+        assert decoded == [(0, i) for i in range(n - drop)] + [(0, i) for i in range(drop, n)]
         assert sum(t.duplicate_of is None for t in trials) == 1  # the one recipe, scored once
     else:
-        assert 4 <= n_layers <= 8
+        dus_paths = [[(0, i) for i in range(end)] + [(0, i) for i in range(start, n)]
+                     for end in range(math.ceil(n / 2), n + 1) for start in range(n // 2 + 1)]
+        assert decoded in dus_paths
 
 
 def test_stacking_bad_input(llama_family, tmp_path):
