@@ -15,7 +15,6 @@ Fetch = Callable[[str, str], torch.Tensor]
 """fetch(model_ref, tensor_name) -> tensor in the compute dtype on the compute device."""
 
 
-
 def tensor_seed(seed: int, name: str) -> int:
     """A per-tensor seed independent of merge order, so a recipe's DARE masks reproduce anywhere."""
     digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
@@ -44,7 +43,7 @@ def compute_tensor(
         return fetch(plan.target, tp.out_name)
     tensors = [fetch(inp.model, inp.name) for inp in tp.inputs]
     if tp.vocab == "align":
-        tensors = _align_vocab(plan, tp, tensors, fetch, aligners or {})
+        tensors = align_vocab(plan, tp, tensors, fetch, aligners or {})
     shapes = {tuple(t.shape) for t in tensors}
     if len(shapes) > 1:
         models = ", ".join(f"{inp.model} {tuple(t.shape)}" for inp, t in zip(tp.inputs, tensors))
@@ -63,17 +62,24 @@ def compute_tensor(
     return merge_tensor(plan.method, base, others, params, generator=generator)
 
 
-def _align_vocab(plan, tp, tensors, fetch, aligners):
-    """Rows of every model placed at the target's token ids; missing rows come from the base (delta 0) or target."""
+def align_vocab(plan: MergePlan, tp: TensorPlan, tensors: list[torch.Tensor], fetch: Fetch,
+                aligners: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]) -> list[torch.Tensor]:
+    """Rows of every model placed at the target's token ids; missing rows come from the base (delta 0) or target.
+
+    Used by `compute_tensor` and by the resident merger (which aligns once per run), so both merge the same rows."""
     target_rows = fetch(plan.target, tp.out_name)
     base_i = tp.base_index
     aligned: list[torch.Tensor | None] = [None] * len(tensors)
     if base_i is not None:
         model = tp.inputs[base_i].model
         aligned[base_i] = aligners[model](tensors[base_i], target_rows) if model in aligners else tensors[base_i]
-    fill_default = aligned[base_i] if base_i is not None else target_rows
+    fill_default = target_rows
+    if base_i is not None:
+        base_rows = aligned[base_i]
+        assert base_rows is not None
+        fill_default = base_rows
     for i, (inp, rows) in enumerate(zip(tp.inputs, tensors)):
         if i == base_i:
             continue
         aligned[i] = aligners[inp.model](rows, fill_default) if inp.model in aligners else rows
-    return aligned
+    return [t for t in aligned if t is not None]

@@ -1,4 +1,8 @@
-"""TIES for the search loop: magnitude trimming by precomputed thresholds.
+"""TIES by precomputed magnitude thresholds, unfused (the resident merger's previous path).
+
+The search now uses ``evomerge.merge.thresholds`` (a threshold per grid density, mergekit's order only where
+magnitudes tie) and the fused pass of ``evomerge.merge.fused``; this module stays as the reference that
+``benchmarks/bench_merge.py`` compares against (bit for bit) and for callers of ``ties_merge_fast``.
 
 mergekit's TIES argsorts every task vector on every merge; in a search the deltas
 never change, only the densities do. Densities come from a grid (default steps of

@@ -1,10 +1,15 @@
 """The memory plan of a run, before it starts: from config files alone (meta device, no weights read).
 
 Per device it counts the bytes of what stays resident during a search (the base, the experts' task vectors
-"deltas", TIES threshold tables or per-element ranks, the live model the candidates are merged into), the merge
-pass's temporaries, and the evaluation's activations and KV cache; then it picks the cheapest *exact* layout
-that fits the device (``plan_memory``). The experts themselves are never kept: base + delta is all a
-task-vector method reads. Host offload is the last resort and is said loudly by ``MemoryPlan.describe``.
+"deltas", TIES threshold tables and the ranks of the elements tied at a threshold, DELLA's rank tables, the live
+model the candidates are merged into), the merge pass's temporaries, and the evaluation's activations and KV
+cache; then it picks the cheapest *exact* layout that fits the device (``plan_memory``). The experts themselves
+are never kept: base + delta is all a task-vector method reads. Host offload is the last resort and is said
+loudly by ``MemoryPlan.describe``.
+
+``evomerge.merge.resident.ResidentMerger`` holds exactly this layout: it plans before loading (from the config,
+with upper bounds for what only the weights can tell), loads, then plans again with the measured tie data
+(``TieBytes``) and its ``resident_bytes()`` equal that plan's items byte for byte (tested).
 
 Every constant below is documented where it is defined; the estimates are upper bounds of what a run
 allocates at its peak, not measurements.
@@ -28,8 +33,16 @@ H100_80GB_BYTES = int(79.2 * GiB)
 RESERVE_BYTES = 1 * GiB
 DENSITY_STEPS = 1000  # density grid of the search (0.001 steps), as merge.resident.FAST_TIES_STEPS
 THRESHOLD_VALUES = DENSITY_STEPS + 1  # one threshold per grid density 0, 0.001, ..., 1 (an upper bound)
-THRESHOLD_BYTES = 4  # thresholds are float32 (fast_ties sorts magnitudes in float32)
-RANK_BYTES = 4  # int32 rank of every delta element in mergekit's argsort order (fast_ties tie_break="argsort")
+THRESHOLD_BYTES = 4  # thresholds are float32 (mergekit sorts |delta| as float32 on CPU; so do the tables)
+# TIES ties: equal magnitudes at a grid threshold are common (bf16 always; float32 too: fine-tune deltas are small
+# next to the weights, so they are coarsely quantized: 103 of 117 float32 delta tensors of a perturbed tiny Llama
+# tie at some grid cut). Exactness needs mergekit's argsort order there, so the resident merger keeps, per delta
+# with ties, the int32 flat indices of the tied elements mergekit drops (at most one per element, RANK_BYTES) and
+# an int32 (start, end) pair per grid density (TIE_BOUND_BYTES). Only measurable after a sort: before loading the
+# plan charges the upper bound; `TieBytes` carries the measured bytes.
+RANK_BYTES = 4
+TIE_BOUND_BYTES = 2 * 4 * THRESHOLD_VALUES
+TIE_CUTOFF_BYTES = 8 * THRESHOLD_VALUES  # "thresholds" layout: an int64 flat-index cutoff per grid density
 # Merge-pass temporaries per element of the largest tensor (merged one tensor at a time):
 WORKSPACE_FIXED = 16  # float32 sign-election sum, float32 disjoint sum, float32 divisor, float32 result
 WORKSPACE_PER_EXPERT_EXTRA = 1  # + per expert: a bool keep/drop mask, plus 2 x delta bytes (a weighted copy
@@ -45,10 +58,22 @@ PCIE_BYTES_PER_S = 25e9  # pinned host -> device copy, PCIe 4.0 x16 in practice 
 
 TASK_VECTOR_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
                        "della", "della_linear")
-THRESHOLD_METHODS = ("ties", "breadcrumbs", "breadcrumbs_ties")  # top-k cuts: a threshold table is enough
+THRESHOLD_METHODS = ("ties",)  # top-k cuts: a threshold table per grid density (+ the order of tied elements)
+# breadcrumbs keep a band of ranks (two cuts): evomerge sorts per merge there, nothing beyond base + deltas is held
 RANK_ONLY_METHODS = ("della", "della_linear")  # MagPrune's drop probability depends on each element's rank
 SOURCE_METHODS = ("linear", "slerp", "nuslerp", "model_stock", "passthrough")  # read the models, not deltas
 HALF = ("bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class TieBytes:
+    """Bytes of tie-breaking data, measured at load (one argsort per TIES delta; see RANK_BYTES).
+
+    `exact`: mergekit's order of the tied elements it drops + per-delta bounds (the "ranks" item of the exact
+    layout); `index`: flat-index cutoff tables of the deltas with ties (the "thresholds" layout, inexact)."""
+
+    exact: int | None = None
+    index: int | None = None
 
 
 @dataclass(frozen=True)
@@ -156,26 +181,34 @@ def _itemsize(name: str) -> int:
 def plan_memory(config, *, n_experts: int, method: str, dtype: str | torch.dtype | None = None,
                 device_bytes: int = H100_80GB_BYTES, batch_tokens: int = 16384, max_batch: int | None = None,
                 max_new_tokens: int = 32, max_seq_len: int = 2048, scored_positions: int | None = None,
-                ties_exact: Literal["auto", "ranks", "thresholds"] = "auto", reserve_bytes: int = RESERVE_BYTES,
-                shapes: dict[str, tuple[int, ...]] | None = None) -> MemoryPlan:
+                ties_exact: Literal["auto", "ranks", "thresholds", "sort"] = "auto", reserve_bytes: int = RESERVE_BYTES,
+                shapes: dict[str, tuple[int, ...]] | None = None, ties: TieBytes | None = None,
+                device_type: str = "cuda", offload: Literal["auto", "never", "always"] = "auto") -> MemoryPlan:
     """Plan a run's device memory from `config` alone and pick the cheapest exact layout that fits.
 
     `dtype`: the run's dtype (sources are held and merged in it; default the config's); `max_batch`: rows of a
     generation batch (default as GenPlan packs them: batch_tokens // (max_seq_len + max_new_tokens));
     `scored_positions`: positions the LM head runs at in one batch (default max_batch); `shapes`: reuse
     `param_shapes(config)`.
+
+    TIES (`ties_exact`): "auto" (or "ranks") = exact, threshold tables + mergekit's order of the tied elements, if
+    it fits, else "thresholds" = threshold tables with ties broken by flat index (inexact where magnitudes tie);
+    "sort" = nothing beyond base + deltas (mergekit's argsort on every merge). `ties`: the tie
+    bytes measured at load (default: upper bounds). `device_type`: "cpu" or "cuda"; DELLA's tables are in its
+    work dtype, float32 for float16 on CPU as in mergekit. `offload`: "never" keeps everything on the device
+    (the plan may not fit), "always" puts everything offloadable on the host (the preferred exact layout).
     """
     if method not in TASK_VECTOR_METHODS + SOURCE_METHODS:
         raise ValueError(f"unknown merge method '{method}' (known: {', '.join(TASK_VECTOR_METHODS + SOURCE_METHODS)})")
-    if ties_exact not in ("auto", "ranks", "thresholds"):
-        raise ValueError(f"ties_exact must be auto, ranks or thresholds, not '{ties_exact}'")
+    if ties_exact not in ("auto", "ranks", "thresholds", "sort"):
+        raise ValueError(f"ties_exact must be auto, ranks, thresholds or sort, not '{ties_exact}'")
     dt = _dtype_name(dtype or _cfg(config, "dtype") or _cfg(config, "torch_dtype"))
     size = _itemsize(dt)
     shapes = param_shapes(config) if shapes is None else shapes
     numels = [_numel(s) for s in shapes.values()]
     n_params = sum(numels)
     model = n_params * size
-    delta_dt = dt if dt in HALF else "float32"
+    delta_dt = dt  # deltas are computed (and held) in the run's dtype, exactly as the merge computes them
     dsize = _itemsize(delta_dt)
 
     # runtime: merge temporaries, evaluation activations and KV cache, context reserve
@@ -207,25 +240,38 @@ def plan_memory(config, *, n_experts: int, method: str, dtype: str | torch.dtype
                    (Item("deltas", n_experts * n_params * dsize, f"deltas ({n_experts} x {delta_dt})"), 2)]
         if method in RANK_ONLY_METHODS:
             sparsify = ["ranks"]
-        elif method not in THRESHOLD_METHODS:
-            sparsify = ["none"]  # dare_* draw random masks; task_arithmetic keeps everything
-        elif ties_exact == "thresholds" or (ties_exact == "auto" and delta_dt not in HALF):
+        elif method not in THRESHOLD_METHODS or ties_exact == "sort":
+            sparsify = ["none"]  # dare_* draw random masks; task_arithmetic keeps everything; breadcrumbs sort
+        elif ties_exact == "thresholds":
             sparsify = ["thresholds"]
-        else:
-            sparsify = ["ranks", "thresholds"]
-        if method in THRESHOLD_METHODS and delta_dt not in HALF:
-            notes.append("float32 deltas: no equal magnitudes expected at the cut, so threshold tables are exact")
+        else:  # auto / ranks: exact first; threshold tables with flat-index ties before any host offload
+            sparsify = ["tied ranks", "thresholds"]
     live = Item("live model", model, f"live model ({dt})")
-    tables = n_experts * len(shapes) * THRESHOLD_VALUES * THRESHOLD_BYTES
+    n_deltas = n_experts * len(shapes)
+    tables = n_deltas * THRESHOLD_VALUES * THRESHOLD_BYTES
     label = f"{'TIES' if method == 'ties' else 'magnitude'} thresholds"
-    extra = {"none": [],
-             "thresholds": [(Item("thresholds", tables, f"{label} ({n_experts} x {len(shapes)} tensors x "
-                                  f"{THRESHOLD_VALUES} float32)"), 0)],
-             "ranks": [(Item("ranks", n_experts * n_params * RANK_BYTES, f"ranks ({n_experts} x int32 per element)"),
-                        1)]}
+    thresholds = (Item("thresholds", tables, f"{label} ({n_experts} x {len(shapes)} tensors x "
+                       f"{THRESHOLD_VALUES} float32)"), 0)
+    ties = ties or TieBytes()
+    tied_exact = n_experts * n_params * RANK_BYTES + n_deltas * TIE_BOUND_BYTES if ties.exact is None else ties.exact
+    tied_index = n_deltas * TIE_CUTOFF_BYTES if ties.index is None else ties.index
+    work = dt if (device_type != "cpu" or dt == "bfloat16") else "float32"  # mergekit's DELLA work dtype
+    extra = {"none": [], "thresholds": [thresholds], "tied ranks": [thresholds],
+             "ranks": [(Item("ranks", n_experts * n_params * _itemsize(work),
+                             f"ranks ({n_experts} x {work} per element)"), 1)]}
+    if tied_exact:
+        how = "at most" if ties.exact is None else "measured"
+        extra["tied ranks"].append((Item("ranks", tied_exact, f"ranks of tied elements ({how}, int32)"), 1))
+    if tied_index:
+        how = "at most" if ties.index is None else "measured"
+        extra["thresholds"].append((Item("tie cutoffs", tied_index, f"tie cutoffs ({how}, int64)"), 1))
     # on the device first (preferred exactness first), then offload level by level, cheapest to stream
     candidates = [(sp, 0) for sp in sparsify]
     candidates += [(sparsify[-1], lv) for lv in sorted({lv for _, lv in weights + extra[sparsify[-1]] if lv})]
+    if offload == "never":
+        candidates = [(sp, 0) for sp in sparsify]
+    elif offload == "always":
+        candidates = [(sparsify[0], max(lv for _, lv in weights + extra[sparsify[0]]))]
     rejected: list[str] = []
     plan: MemoryPlan | None = None
     for sp, level in candidates:
@@ -233,7 +279,8 @@ def plan_memory(config, *, n_experts: int, method: str, dtype: str | torch.dtype
         dev = [it for it, lv in held if not 0 < lv <= level] + [live] + runtime
         host = [it for it, lv in held if 0 < lv <= level]
         total = sum(it.bytes for it in dev)
-        name = ("sources" if method in SOURCE_METHODS else "base + deltas") + ("" if sp == "none" else f", {sp}")
+        shown = {"none": "", "tied ranks": ", thresholds + tied ranks"}.get(sp, f", {sp}")
+        name = ("sources" if method in SOURCE_METHODS else "base + deltas") + shown
         if host:
             name += ", host offload of " + " and ".join(it.key for it in host)
         if plan is not None:
@@ -244,12 +291,12 @@ def plan_memory(config, *, n_experts: int, method: str, dtype: str | torch.dtype
         if plan.fits:
             break
     assert plan is not None
-    if "thresholds" in plan and delta_dt in HALF and method in THRESHOLD_METHODS:
-        why = "as asked" if ties_exact == "thresholds" else "per-element ranks do not fit"
+    if method in THRESHOLD_METHODS and ", thresholds" in plan.layout and "tied ranks" not in plan.layout:
+        why = "as asked" if ties_exact == "thresholds" else "the ranks of tied elements do not fit"
         notes.append(f"threshold tables for {delta_dt} deltas ({why}): equal magnitudes at the cut are broken by "
                      "flat index, where mergekit breaks them by its argsort order")
-    if "ranks" in plan and method in THRESHOLD_METHODS:
-        notes.append("per-element ranks: mergekit's own order among equal magnitudes, bit for bit")
+    if "tied ranks" in plan.layout:
+        notes.append("ranks of tied elements: mergekit's own order among equal magnitudes at a cut, bit for bit")
     return plan
 
 

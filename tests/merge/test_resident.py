@@ -1,5 +1,5 @@
-"""The resident merger writes, in place into one live model, exactly what `evomerge merge` and mergekit write
-for the same recipe (float32 <= 1e-6), for candidate after candidate."""
+"""The resident merger writes, in place into one live model, exactly what `evomerge merge` writes (bit for bit)
+and what mergekit writes (float32 <= 1e-6) for the same recipe, for candidate after candidate."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from evomerge.errors import ConfigError
 from evomerge.merge.materialize import materialize
 from evomerge.merge.resident import ResidentMerger
 from evomerge.recipe import Recipe
@@ -22,6 +23,9 @@ def _recipe(fam, method: str, w=(0.3, 0.9), d=(0.35, 0.8), seed=7) -> Recipe:
     if method in ("task_arithmetic", "linear"):
         for m in models:
             m["parameters"].pop("density")
+    if method.startswith("della"):
+        for m in models:
+            m["parameters"]["epsilon"] = 0.05
     return Recipe.from_dict({"merge_method": method, "base_model": str(fam["base"]) if method != "linear" else None,
                              "models": models, "parameters": {"lambda": 0.9} if method != "linear" else None,
                              "dtype": "float32", "evomerge": {"seed": seed}})
@@ -37,10 +41,12 @@ def _mergekit(recipe: Recipe, out) -> dict:
     return load_file(str(out / "model.safetensors"))
 
 
-@pytest.mark.parametrize("method", ["ties", "dare_ties", "task_arithmetic"])
-def test_live_weights_equal_evomerge_merge_and_mergekit(method, llama_family, tmp_path):
+@pytest.mark.parametrize("method,fused", [(m, "eager") for m in ("ties", "dare_ties", "task_arithmetic", "della",
+                                                                  "linear")] + [("ties", "compile"),
+                                                                                ("dare_ties", "compile")])
+def test_live_weights_equal_evomerge_merge_and_mergekit(method, fused, llama_family, tmp_path):
     first = _recipe(llama_family, method)
-    merger = ResidentMerger(first, device="cpu")
+    merger = ResidentMerger(first, device="cpu", fused=fused)
     assert merger.fast == (method == "ties")
     for i, recipe in enumerate([first, _recipe(llama_family, method, w=(0.8, -0.2), d=(0.9, 0.123), seed=11)]):
         live = {k: v.clone() for k, v in merger.merge(recipe).state_dict().items()}
@@ -48,8 +54,8 @@ def test_live_weights_equal_evomerge_merge_and_mergekit(method, llama_family, tm
                                          copy_tokenizer=False) / "model.safetensors"))
         assert set(ours) <= set(live)
         for name, value in ours.items():
-            assert (live[name] - value).abs().max() <= 1e-6, (i, name)
-        if method != "dare_ties":  # mergekit's DARE draws from the global RNG; ours is seeded per tensor
+            assert torch.equal(live[name], value), (i, name)
+        if method not in ("dare_ties", "della") and fused == "eager":  # mergekit draws from the global RNG
             theirs = _mergekit(recipe, tmp_path / f"mk{i}")
             for name, value in theirs.items():
                 assert (live[name] - value).abs().max() <= 1e-6, (i, name)
@@ -71,3 +77,17 @@ def test_nan_candidate_raises(llama_family):
     bad = _recipe(llama_family, "task_arithmetic", w=(1e38, 1e38)).model_copy(update={"parameters": {"lambda": 1e38}})
     with pytest.raises(FloatingPointError):
         merger.merge(bad)
+
+
+def test_another_method_of_the_family_merges_from_the_same_deltas(llama_family, tmp_path):
+    """A TIES run's base + deltas also serve a DARE-TIES or DELLA candidate (their masks drawn per merge)."""
+    merger = ResidentMerger(_recipe(llama_family, "ties"), device="cpu", fused="eager")
+    for method in ("dare_ties", "della", "task_arithmetic"):
+        recipe = _recipe(llama_family, method)
+        live = {k: v.clone() for k, v in merger.merge(recipe).state_dict().items()}
+        ours = load_file(str(materialize(recipe, tmp_path / method, progress=False,
+                                         copy_tokenizer=False) / "model.safetensors"))
+        for name, value in ours.items():
+            assert torch.equal(live[name], value), (method, name)
+    with pytest.raises(ConfigError, match="other resident tensors"):
+        merger.merge(_recipe(llama_family, "linear"))

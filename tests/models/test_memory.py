@@ -10,8 +10,12 @@ import torch
 
 from evomerge.models.memory import (
     H100_80GB_BYTES,
+    RANK_BYTES,
     THRESHOLD_VALUES,
+    TIE_BOUND_BYTES,
+    TIE_CUTOFF_BYTES,
     GiB,
+    TieBytes,
     load_config,
     param_shapes,
     plan_from_folder,
@@ -131,26 +135,50 @@ def test_sakana_ps_fits_an_h100_without_offload(models):
     assert "13.49 GiB" in text and "40.47 GiB" in text and "(fits)" in text and "OFFLOAD" not in text
 
 
-def test_ties_with_forced_ranks_falls_back_to_thresholds(models):
+def test_ties_exact_tie_ranks_fall_back_to_thresholds_before_offloading(models):
     plan = _plan(models, "mistral-7b", method="ties", ties_exact="ranks")
-    ranks = 3 * PUBLISHED_PARAMS["mistral-7b"] * 4
-    assert "ranks" not in plan and plan["thresholds"] == 3 * 291 * THRESHOLD_VALUES * 4
+    n_deltas = 3 * 291
+    tied = 3 * PUBLISHED_PARAMS["mistral-7b"] * RANK_BYTES + n_deltas * TIE_BOUND_BYTES  # upper bound before loading
+    assert "ranks" not in plan and plan["thresholds"] == n_deltas * THRESHOLD_VALUES * 4
+    assert plan["tie cutoffs"] == n_deltas * TIE_CUTOFF_BYTES
     assert plan.fits and not plan.offload and plan.layout == "base + deltas, thresholds"
-    assert plan.rejected == [f"base + deltas, ranks: {(plan.total - plan['thresholds'] + ranks) / GiB:.2f} GiB > "
-                             "79.20 GiB"]
+    exact_total = plan.total - plan["tie cutoffs"] + tied
+    assert plan.rejected == [f"base + deltas, thresholds + tied ranks: {exact_total / GiB:.2f} GiB > 79.20 GiB"]
     assert any("broken by flat index" in n for n in plan.notes)
 
 
-def test_ties_auto_picks_ranks_for_half_precision_and_thresholds_for_float32(models):
+def test_ties_prefers_exact_tie_ranks_and_measured_ties_make_them_fit(models):
     big = _plan(models, "mistral-7b", method="ties", device_bytes=200 * GiB)
-    assert big["ranks"] == 3 * PUBLISHED_PARAMS["mistral-7b"] * 4 and "thresholds" not in big and big.fits
+    n_deltas = 3 * 291
+    assert big["ranks"] == 3 * PUBLISHED_PARAMS["mistral-7b"] * 4 + n_deltas * TIE_BOUND_BYTES and big.fits
+    assert big["thresholds"] == n_deltas * THRESHOLD_VALUES * 4 and "tie cutoffs" not in big
+    assert big.layout == "base + deltas, thresholds + tied ranks"
+    assert any("bit for bit" in n for n in big.notes)
     f32 = _plan(models, "mistral-7b", method="ties", dtype="float32", device_bytes=300 * GiB)
-    assert "ranks" not in f32 and f32["deltas"] == 3 * PUBLISHED_PARAMS["mistral-7b"] * 4
-    assert f32["base"] == 2 * MISTRAL_BF16 and f32["thresholds"] == 3 * 291 * THRESHOLD_VALUES * 4
-    forced = _plan(models, "mistral-7b", method="ties", dtype="float32", device_bytes=300 * GiB, ties_exact="ranks")
-    assert "ranks" in forced and "thresholds" not in forced
+    assert "ranks" in f32 and f32["deltas"] == 3 * PUBLISHED_PARAMS["mistral-7b"] * 4
+    assert f32["base"] == 2 * MISTRAL_BF16 and f32["thresholds"] == n_deltas * THRESHOLD_VALUES * 4
     asked = _plan(models, "mistral-7b", method="ties", device_bytes=200 * GiB, ties_exact="thresholds")
     assert "ranks" not in asked and "thresholds" in asked
+    # measured at load: few ties -> the exact layout fits an H100 where the upper bound did not
+    measured = _plan(models, "mistral-7b", method="ties", ties=TieBytes(exact=123_456_789))
+    assert measured.layout == "base + deltas, thresholds + tied ranks" and measured["ranks"] == 123_456_789
+    sort = _plan(models, "mistral-7b", method="ties", ties_exact="sort")
+    assert "ranks" not in sort and "thresholds" not in sort and sort.layout == "base + deltas"
+
+
+def test_della_ranks_are_in_its_work_dtype(models):
+    bf16 = _plan(models, "mistral-7b", method="della", device_bytes=200 * GiB)
+    assert bf16["ranks"] == 3 * MISTRAL_BF16 and "thresholds" not in bf16
+    f16_cpu = _plan(models, "mistral-7b", method="della", dtype="float16", device_bytes=200 * GiB, device_type="cpu")
+    assert f16_cpu["ranks"] == 3 * PUBLISHED_PARAMS["mistral-7b"] * 4  # mergekit works in float32 there
+
+
+def test_offload_never_and_always(models):
+    never = _plan(models, "mistral-7b", device_bytes=24 * GiB, offload="never")
+    assert not never.offload and not never.fits and "DOES NOT FIT" in never.describe()
+    always = _plan(models, "mistral-7b", method="ties", offload="always", device_bytes=200 * GiB)
+    assert always.offload and {it.key for it in always.host_items} == {"ranks", "deltas", "base"}
+    assert "tied ranks" in always.layout and "HOST OFFLOAD" in always.describe()
 
 
 def test_methods_without_sparsification_data(models):
@@ -190,7 +218,7 @@ def test_gemma_plan_uses_its_head_dim_and_largest_tensor(models):
 
 
 def test_resident_bytes_equal_real_tensors_of_a_tiny_model(tmp_path):
-    from evomerge.merge.fast_ties import MagnitudeThresholds
+    from evomerge.merge.thresholds import GridThresholds
     from evomerge.models.tiny import perturbed, random_model, tiny_config
 
     cfg = tiny_config("llama")
@@ -206,12 +234,18 @@ def test_resident_bytes_equal_real_tensors_of_a_tiny_model(tmp_path):
     assert plan["base"] == nbytes(params.values())
     assert plan["live model"] == nbytes(live.parameters())
     assert plan["deltas"] == nbytes(deltas) and deltas[0].dtype == torch.bfloat16
-    ranks = [MagnitudeThresholds(d.contiguous(), tie_break="argsort").ranks for d in deltas]
-    assert plan["ranks"] == nbytes(r for r in ranks if r is not None)  # auto + bf16 + room: ranks
+    tables = [GridThresholds(d.contiguous()) for d in deltas]
+    assert plan["thresholds"] == nbytes(t.thresholds for t in tables) == len(deltas) * THRESHOLD_VALUES * 4
+    tied = sum(t.nbytes()["ranks"] for t in tables)
+    assert 0 < tied <= plan["ranks"]  # the plan's bound before loading: a full rank table + bounds per delta
+    measured = plan_memory(cfg, n_experts=3, method="ties", dtype="bfloat16", device_bytes=4 * GiB,
+                           ties=TieBytes(exact=tied))
+    assert measured["ranks"] == tied
 
     thr = plan_memory(cfg, n_experts=3, method="ties", dtype="bfloat16", device_bytes=4 * GiB, ties_exact="thresholds")
-    real = nbytes(MagnitudeThresholds(d.contiguous()).thresholds for d in deltas)
-    assert thr["thresholds"] == len(deltas) * THRESHOLD_VALUES * 4 >= real  # at most 1001 float32 per delta tensor
+    index = [GridThresholds(d.contiguous(), ties="index") for d in deltas]
+    assert thr["thresholds"] == nbytes(t.thresholds for t in index)
+    assert thr["tie cutoffs"] >= sum(t.nbytes()["tie cutoffs"] for t in index)  # upper bound: every delta ties
 
     f32 = plan_memory(cfg, n_experts=3, method="dare_linear", dtype="float32", device_bytes=4 * GiB)
     assert f32["deltas"] == 2 * plan["deltas"] and f32["base"] == 2 * plan["base"]

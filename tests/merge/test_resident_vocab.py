@@ -1,0 +1,96 @@
+"""`embeddings: align` / `keep_target` in the search: the live model equals `evomerge merge` of the same recipe bit
+for bit (float32), for models with different vocabulary sizes and for equal sizes in a different token order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from evomerge.merge.materialize import materialize
+from evomerge.merge.resident import ResidentMerger
+from evomerge.models.tiny import DEFAULT_ALPHABET, char_tokenizer, perturbed, random_model, save_model, tiny_config
+from evomerge.recipe import Recipe
+
+KOREAN = "한국어모델가나다라"
+EMBEDS = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+@pytest.fixture(scope="module")
+def vocab_models(tmp_path_factory):
+    """base and chat share a tokenizer; `cp` has 9 extra (Korean) tokens first (a larger vocabulary, other ids);
+    `shuffled` has the base's tokens in another order, its embedding rows permuted to match (same size)."""
+    root = tmp_path_factory.mktemp("vocab")
+    tok = char_tokenizer(DEFAULT_ALPHABET)
+    base = random_model(tiny_config("llama", vocab_size=len(tok)), seed=1)
+    out = {"base": save_model(base, tok, root / "base"),
+           "chat": save_model(perturbed(base, seed=2, scale=0.05), tok, root / "chat")}
+    ko_tok = char_tokenizer(KOREAN + DEFAULT_ALPHABET)
+    cp = random_model(tiny_config("llama", vocab_size=len(ko_tok)), seed=4)
+    layers = perturbed(base, seed=3, scale=0.05).state_dict()
+    sd = cp.state_dict()
+    cp.load_state_dict({k: layers[k] if layers[k].shape == v.shape else v for k, v in sd.items()})
+    out["cp"] = save_model(cp, ko_tok, root / "cp")
+
+    alphabet = list(dict.fromkeys(DEFAULT_ALPHABET))
+    order = torch.randperm(len(alphabet), generator=torch.Generator().manual_seed(0)).tolist()
+    shuffled_tok = char_tokenizer("".join(alphabet[i] for i in order))
+    assert len(shuffled_tok) == len(tok) and shuffled_tok.get_vocab() != tok.get_vocab()
+    shuffled = perturbed(base, seed=5, scale=0.05)
+    rows = [tok.get_vocab()[t] for t, _ in sorted(shuffled_tok.get_vocab().items(), key=lambda kv: kv[1])]
+    with torch.no_grad():
+        for name, p in shuffled.named_parameters():
+            if name in EMBEDS:
+                p.copy_(p[rows])  # row of id j = the base model's row of the same token
+    out["shuffled"] = save_model(shuffled, shuffled_tok, root / "shuffled")
+    return out
+
+
+def _recipe(m, method, expert, policy="align", target=None) -> Recipe:
+    models = [{"model": str(m[expert]), "parameters": {"weight": [0.6, 1.1], "density": 0.7}},
+              {"model": str(m["chat"]), "parameters": {"weight": 0.8, "density": [0.4, 0.9]}}]
+    if method == "task_arithmetic":
+        for entry in models:
+            entry["parameters"].pop("density")
+    options = {"embeddings": policy, "seed": 1}
+    if target:
+        options["target_model"] = str(m[target])
+    return Recipe.from_dict({"merge_method": method, "base_model": str(m["base"]), "models": models,
+                             "dtype": "float32", "evomerge": options})
+
+
+def _assert_live_equals_exported(recipe: Recipe, tmp_path) -> dict:
+    merger = ResidentMerger(recipe, fused="eager")
+    live = {k: v.clone() for k, v in merger.merge(recipe).state_dict().items()}
+    (tmp_path / "r.yaml").write_text(recipe.to_yaml())
+    out = materialize(Recipe.load(tmp_path / "r.yaml"), tmp_path / "out", progress=False, copy_tokenizer=False)
+    exported = load_file(str(out / "model.safetensors"))
+    assert set(exported) <= set(live)
+    for name, value in exported.items():
+        assert torch.equal(live[name], value), name
+    return exported
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties"])
+def test_align_with_a_larger_vocabulary(vocab_models, method, tmp_path):
+    recipe = _recipe(vocab_models, method, "cp", target="cp")
+    exported = _assert_live_equals_exported(recipe, tmp_path)
+    assert exported["model.embed_tokens.weight"].shape[0] == len(KOREAN) + len(dict.fromkeys(DEFAULT_ALPHABET)) + 4
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_align_with_a_reordered_vocabulary_of_the_same_size(vocab_models, method, tmp_path):
+    recipe = _recipe(vocab_models, method, "shuffled")
+    exported = _assert_live_equals_exported(recipe, tmp_path)
+    # the alignment matters here: merging rows by id instead of by token gives other embeddings
+    unaligned = _recipe(vocab_models, method, "shuffled", policy="merge")
+    plain = ResidentMerger(unaligned, fused="eager").merge(unaligned).state_dict()
+    assert not torch.equal(plain["model.embed_tokens.weight"], exported["model.embed_tokens.weight"])
+
+
+def test_keep_target_keeps_the_target_rows(vocab_models, tmp_path):
+    recipe = _recipe(vocab_models, "ties", "cp", policy="keep_target", target="cp")
+    exported = _assert_live_equals_exported(recipe, tmp_path)
+    cp = load_file(str(vocab_models["cp"] / "model.safetensors"))
+    for name in EMBEDS:
+        assert torch.equal(exported[name], cp[name])
