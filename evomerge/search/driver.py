@@ -18,6 +18,10 @@ share a run, and a killed worker loses only the candidate it was evaluating:
 - a candidate whose dedupe key matches a finished trial is not evaluated again; the stored result is
   recorded as a new trial with `duplicate_of`. Two workers holding the same candidate at once: one
   evaluates, the other waits for its result (claims in the storage).
+
+Kept as one module on purpose: taking a candidate, evaluating it and recording it share one worker's
+session state (budget, clock, dedupe index, heartbeats), and reading them in one place is what makes the
+guarantees above checkable.
 """
 
 from __future__ import annotations

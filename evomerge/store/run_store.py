@@ -3,6 +3,9 @@
 A trial is written as soon as it finishes and SQLite runs in WAL mode, so kill -9 at any moment loses
 at most the trials in flight. The optimizer's state lives in the same database, so the storage is the
 one thing a resume needs.
+
+Kept as one module on purpose: each method is a short, typed operation on one run's storage (the Optuna
+internals live in `backend`), and together they are the whole contract the search and the workers rely on.
 """
 
 from __future__ import annotations

@@ -162,7 +162,8 @@ def _search_and_finish(ctx: RunContext, store: RunStore, *, quiet: bool) -> Path
                          warm_start=warm)
     with store.lease("finish", 3600):
         done = store.attrs.get("results_for")
-        if done != summary.finished:  # results are written once per state of the run, by one worker
+        written = store.folder.best.exists() and store.folder.heldout_json.exists()
+        if done != summary.finished or not written:  # written once per state of the run, by one worker
             finish_run(ctx, store, quiet=quiet)
             store.set_attr("results_for", summary.finished)
             store.backup(f"{summary.finished:06d}")
