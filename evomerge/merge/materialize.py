@@ -47,6 +47,7 @@ def atomic_output_dir(out_dir: Path, *, overwrite: bool = False) -> Iterator[Pat
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
+        tmp.chmod(0o755)  # mkdtemp makes 0700: the model folder is for whoever can read its parent
     except OSError as exc:
         raise ConfigError(f"cannot write the output folder: {exc.strerror}", file=str(out_dir)) from None
     try:

@@ -122,3 +122,13 @@ def test_bad_input_one_clear_line(case, family_with_other, tmp_path):
     assert expected in lines[0], lines[0]
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]
+
+
+def test_output_folder_is_readable_by_others(llama_family, tmp_path):
+    import stat
+
+    from evomerge.merge.materialize import atomic_output_dir
+
+    with atomic_output_dir(tmp_path / "out") as tmp:
+        (tmp / "x").write_text("1")
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755  # not mkdtemp's 0700
