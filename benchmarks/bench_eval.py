@@ -1,8 +1,20 @@
-"""Items per second of our scorer vs lm-eval 0.4.x on the same model and items, zero-shot and k-shot, in one run.
+"""Items per second of our scorer vs lm-eval 0.4.x on the same model and items, zero-shot and k-shot, and tokens per
+second of our greedy decoding vs transformers' `generate`, in one run.
 
-    python benchmarks/bench_eval.py                       # SmolLM2-135M (GGUF wheel), CPU, 0-shot and 5-shot
-    python benchmarks/bench_eval.py --shots 0 --reps 3
-    python benchmarks/bench_eval.py --random-llama-1b --device cuda --dtype bfloat16 --repeat 40
+    python benchmarks/bench_eval.py                       # SmolLM2-135M (GGUF wheel), CPU, 0-shot, 5-shot, decoding
+    python benchmarks/bench_eval.py --bench decode --reps 3
+    python benchmarks/bench_eval.py --random-llama-1b --device cuda --dtype bfloat16 --repeat 40 --gen-repeat 8
+
+Decoding (`--bench decode`): the shipped MGSM-style prompts (evomerge/data/tasks/math_mgsm_style.jsonl, 24 prompts
+of 21-39 tokens, `--gen-repeat` times) as ONE left-padded batch, greedy, `--max-new-tokens`, per stop set, four ways:
+- new: `GenPlan(decode="static")` (static KV cache; finished rows leave the batch; compiled step on CUDA);
+- old: `GenPlan(decode="dynamic")` (the dynamic-cache loop, kept as the fallback);
+- generate: `model.generate` (dynamic cache, `stop_strings`), and with `cache_implementation="static"` (which
+  transformers compiles on CUDA by itself).
+tokens/s = the tokens of `generate`'s outputs (up to EOS or the end of the stop string: the same numerator for all
+four) / seconds of the whole call (prefill included; the prefill alone is timed too, so decode-only rates show).
+Two warm-up calls each (the new path compiles on the second), then best of `--reps`, interleaved; the outputs of all
+four are compared (cut at the stop strings).
 
 Both sides score the same KMMLU-format items (evomerge/data/tasks/kmmlu_ko_demo.csv, shots from kmmlu_ko_dev.csv)
 by log-likelihood of the answer letter, with the same prompts: lm-eval gets one task per category whose dev split
@@ -20,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import os
 import sys
@@ -64,6 +77,10 @@ def load(args):
     from evomerge.models.tiny import smollm2_gguf_path
 
     dtype = getattr(torch, args.dtype)
+    if args.model:  # a Hugging Face folder (the GPU rehearsal passes its own random models)
+        tok = AutoTokenizer.from_pretrained(args.model)
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device)
+        return model.eval(), tok
     p = smollm2_gguf_path()
     tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
     if args.random_llama_1b:  # ~1.1B params (TinyLlama shape), random weights, SmolLM2's tokenizer
@@ -130,7 +147,7 @@ def bench_protocol(shots: int, args, model, tok, d: Path, names: list[str], n: i
     t = time.perf_counter()
     ev = Evaluator([spec], tok, split="all", device=args.device, batch_tokens=args.batch_tokens)
     prep = time.perf_counter() - t
-    plan = ev.tasks["kmmlu"].plan
+    plan = ev.tasks["kmmlu"].plan  # type: ignore[attr-defined]  # a LoglikTask
     warm = ev.evaluate(model, per_item=True)  # warm-up; also the per-item log-likelihoods for the check
 
     tm = TaskManager(include_path=str(d), include_defaults=False)
@@ -181,12 +198,21 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--random-llama-1b", action="store_true", help="random-weight ~1.1B Llama (for GPUs)")
+    ap.add_argument("--model", default=None, help="a Hugging Face model folder instead of SmolLM2")
     ap.add_argument("--shots", default="0,5", help="comma-separated k-shot settings (default: 0,5)")
     ap.add_argument("--repeat", type=int, default=1, help="repeat the 40 demo items this many times")
     ap.add_argument("--reps", type=int, default=1, help="timed calls of each side (best is reported)")
     ap.add_argument("--batch-tokens", type=int, default=None, help="our token budget (default: 4096 cpu, 65536 gpu)")
     ap.add_argument("--lm-eval-batch-size", type=int, default=None, help="lm-eval batch size (default: 1 cpu, 32 gpu)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--bench", default="kmmlu,decode", help="comma-separated: kmmlu (vs lm-eval), decode (vs generate)")
+    ap.add_argument("--max-new-tokens", type=int, default=32, help="decode: tokens generated per prompt at most")
+    ap.add_argument("--stop-sets", default="none,cot", help="decode: comma-separated stop sets: none, direct "
+                    "(lm-eval mgsm_direct: blank line, newline), cot (\"Question:\", blank line)")
+    ap.add_argument("--gen-repeat", type=int, default=1, help="decode: repeat the 24 prompts this many times (rows)")
+    ap.add_argument("--gen-compile", default="auto", choices=["auto", "always", "never"],
+                    help="decode: compiled decode step of the new path (auto: on CUDA)")
+    ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
@@ -199,12 +225,24 @@ def main() -> None:
 
     model, tok = load(args)
     n_params = sum(p.numel() for p in model.parameters())
-    with tempfile.TemporaryDirectory() as d:
-        d = Path(d)
+    model_name = args.model or ("random Llama" if args.random_llama_1b else "SmolLM2-135M-Instruct")
+    benches = args.bench.split(",")
+    figures: dict = {"model": model_name, "params": n_params, "dtype": args.dtype, "device": args.device}
+    if "decode" in benches:
+        figures["decode"] = [bench_decode(args, model, tok, stops, sync) for stops in args.stop_sets.split(",")]
+        print_decode(figures["decode"], args, model_name, n_params)
+    if "kmmlu" in benches:
+        figures["kmmlu"] = bench_kmmlu(args, model, tok, sync, model_name, n_params)
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2, default=str), encoding="utf-8")
+
+
+def bench_kmmlu(args, model, tok, sync, model_name: str, n_params: int) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
         names, n = write_tasks(d, args.repeat)
         out = [bench_protocol(int(k), args, model, tok, d, names, n, sync) for k in args.shots.split(",")]
 
-    model_name = "random Llama" if args.random_llama_1b else "SmolLM2-135M-Instruct"
     print(f"\nmodel: {model_name} {n_params / 1e6:.0f}M params, "
           f"{args.dtype}, {args.device}, {torch.get_num_threads()} thread(s); {n} KMMLU-format questions; "
           f"our batch budget {args.batch_tokens} tokens, lm-eval batch size {args.lm_eval_batch_size}; "
@@ -222,6 +260,108 @@ def main() -> None:
             cratio = "" if key == "ours" else f"x{c / oc:.2f}"
             print(f"  {label:28s} {n / w:8.2f} {w:7.2f} {ratio:>6s} | {c:6.2f} {cratio:>6s}")
     print("\nratio = lm-eval time / our time (ours is that many times faster)")
+    return [{"shots": r["shots"], "items": n, "acc": r["acc"], "max_rel_diff": r["max_rel_diff"],
+             "seconds": {k: v[0] for k, v in r["best"].items()}, "items_per_s": n / r["best"]["ours"][0]}
+            for r in out]
+
+
+STOP_SETS = {"none": [], "direct": ["\n\n", "\n"], "cot": ["Question:", "\n\n"]}
+
+
+def bench_decode(args, model, tok, stops: str, sync) -> dict:
+    """One stop set: the four paths timed on the same batch (see the module docstring)."""
+    from evomerge.evaluate.generate import GenPlan, cut_at_stop, eos_ids
+
+    stop = STOP_SETS[stops]
+    rows = [json.loads(line) for line in (DATA / "math_mgsm_style.jsonl").read_text(encoding="utf-8").splitlines()]
+    prompts = [r["prompt"] for r in rows] * args.gen_repeat
+    ids = [tok(p)["input_ids"] for p in prompts]
+    n_new, big = args.max_new_tokens, 1 << 30  # one batch: every row decodes together, as generate's batch
+    plans = {"new": GenPlan(ids, tok, max_new_tokens=n_new, stop=stop, device=args.device, batch_tokens=big,
+                            decode="static", compile=args.gen_compile),
+             "old": GenPlan(ids, tok, max_new_tokens=n_new, stop=stop, device=args.device, batch_tokens=big,
+                            decode="dynamic")}
+    prefill = GenPlan(ids, tok, max_new_tokens=1, stop=[], device=args.device, batch_tokens=big, decode="dynamic")
+    side, tok.padding_side = tok.padding_side, "left"
+    enc = tok(prompts, return_tensors="pt", padding=True).to(args.device)
+    tok.padding_side = side
+    eos = eos_ids(model, tok)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+    extra = {"stop_strings": stop, "tokenizer": tok} if stop else {}
+    outs: dict[str, list[str]] = {}
+
+    def generate(cache: str | None):
+        def call():
+            with torch.inference_mode():
+                kw = {"cache_implementation": cache} if cache else {}
+                g = model.generate(**enc, max_new_tokens=n_new, do_sample=False, eos_token_id=eos, pad_token_id=pad,
+                                   **extra, **kw)
+            outs["tokens"] = g[:, enc["input_ids"].shape[1]:].tolist()
+            return [cut_at_stop(t, stop) for t in tok.batch_decode(outs["tokens"], skip_special_tokens=True)]
+        return call
+
+    calls = {"new": functools.partial(plans["new"].run, model), "old": functools.partial(plans["old"].run, model),
+             "generate": generate(None), "generate_static": generate("static"),
+             "prefill": functools.partial(prefill.run, model)}
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in calls}
+
+    def timed(key: str) -> tuple[float, float]:
+        def call() -> None:
+            outs[key] = calls[key]()
+        return clock(call, sync)
+
+    for key in calls:  # warm-up: the new path compiles on its second call (CUDA)
+        timed(key)
+        timed(key)
+    for _ in range(args.reps):
+        for key in calls:
+            times[key].append(timed(key))
+    outs["generate"] = generate(None)()
+    tokens = sum(next((i for i, t in enumerate(row) if t in eos or t == pad), len(row)) for row in outs["tokens"])
+    same = {k: sum(a != b for a, b in zip(outs[k], outs["generate"])) for k in ("new", "old", "generate_static")}
+    best = {k: (min(w for w, _ in v), min(c for _, c in v)) for k, v in times.items()}
+    return {"stops": stops, "stop": stop, "rows": len(prompts), "prompt_tokens": plans["old"].n_prompt_tokens,
+            "padded_rows_x_length": sum(b[1].numel() for b in plans["old"].batches), "max_new_tokens": n_new,
+            "tokens": tokens, "differ_from_generate": same, "new_path": plans["new"].last_path,
+            "seconds": {k: v[0] for k, v in best.items()}, "cpu_seconds": {k: v[1] for k, v in best.items()},
+            "tokens_per_s": {k: tokens / v[0] for k, v in best.items() if k != "prefill"},
+            "tokens_per_cpu_s": {k: tokens / v[1] for k, v in best.items() if k != "prefill"},
+            "decode_tokens_per_s": {k: _rate(tokens, v[0] - best["prefill"][0]) for k, v in best.items()
+                                    if k != "prefill"},
+            "decode_tokens_per_cpu_s": {k: _rate(tokens, v[1] - best["prefill"][1]) for k, v in best.items()
+                                        if k != "prefill"}}
+
+
+def _rate(tokens: int, seconds: float) -> float | None:
+    """tokens / seconds; None when the difference of two timings is too small to mean anything."""
+    return tokens / seconds if seconds > 1e-3 else None
+
+
+def _fmt(rate: float | None) -> str:
+    return f"{rate:7.1f}" if rate is not None else f"{'-':>7s}"
+
+
+def print_decode(results: list[dict], args, model_name: str, n_params: int) -> None:
+    print(f"\ndecoding: {model_name} {n_params / 1e6:.0f}M params, {args.dtype}, {args.device}, "
+          f"{torch.get_num_threads()} thread(s); best of {args.reps} call(s) after 2 warm-ups")
+    labels = {"new": "new: static cache (GenPlan)", "old": "old: dynamic loop (GenPlan)",
+              "generate": "transformers generate", "generate_static": "generate, static cache"}
+    for r in results:
+        print(f"\nstop {r['stops']} {r['stop']}: {r['rows']} prompts ({r['prompt_tokens']} tokens, "
+              f"{r['padded_rows_x_length']} with left padding) in one batch, max_new_tokens {r['max_new_tokens']}, "
+              f"{r['tokens']} tokens generated; new path ran {r['new_path']}; prefill alone "
+              f"{r['seconds']['prefill']:.2f} s (cpu {r['cpu_seconds']['prefill']:.2f} s); outputs differing from "
+              f"generate: {r['differ_from_generate']}")
+        g, gc = r["seconds"]["generate"], r["cpu_seconds"]["generate"]
+        print(f"  {'':30s} {'wall s':>7s} {'tok/s':>7s} {'decode':>7s} {'x gen':>6s} | {'cpu s':>7s} {'tok/s':>7s} "
+              f"{'decode':>7s} {'x gen':>6s}")
+        for key, label in labels.items():
+            w, c = r["seconds"][key], r["cpu_seconds"][key]
+            dw, dc = r["decode_tokens_per_s"][key], r["decode_tokens_per_cpu_s"][key]
+            print(f"  {label:30s} {w:7.2f} {r['tokens_per_s'][key]:7.1f} {_fmt(dw)} {g / w:6.2f} | {c:7.2f} "
+                  f"{r['tokens_per_cpu_s'][key]:7.1f} {_fmt(dc)} {gc / c:6.2f}")
+    print("\ntok/s: generated tokens / seconds of the whole call (wall, or CPU time of this process: machines may be "
+          "shared); decode: tokens / (seconds - the prefill's); x gen: generate's seconds / this path's (> 1: faster)")
 
 
 if __name__ == "__main__":
