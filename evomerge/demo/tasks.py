@@ -1,4 +1,5 @@
-"""Synthetic character-level tasks for the offline demo: addition, sorting letters, counting letters.
+"""Synthetic character-level tasks for the offline zoos: the demo's addition, sorting and counting letters, and
+the other zoos' families (digit sums, dropping repeated letters, comparing numbers, ordering words).
 
 Every task has a fixed-length prompt (so a batch of one task needs no padding) and a short answer that the
 model must produce followed by EOS. Items are split into disjoint train / search / held-out sets by prompt:
@@ -40,10 +41,37 @@ class Item:
     category: str
 
 
-def task_spec() -> dict:
-    """The knobs that define the tasks' items (a zoo cache is only valid for the same spec)."""
-    return {"sort_letters": SORT_LETTERS, "sort_length": SORT_LENGTH, "count_letters": COUNT_LETTERS,
-            "count_length": COUNT_LENGTH}
+# The other zoos' families (evomerge.demo.zoos), chosen so that a base trained on their mix learns each only in
+# part (held-out exact match 0.6-0.7), like the demo's. Every string stays inside the demo's alphabet, so all zoos
+# share one character tokenizer. Tasks a 4-layer model learns position by position (reversing, a substitution
+# cipher, shifting letters, prefix sums, running maxima) reached 0.95-1.0 in such a base and were left out.
+# - dsum: the sum of 6 digits ("dsum:384920=" -> "26")
+# - dedup: 10 letters from a..j with repeats dropped, first occurrences in order ("uniq:abacbd=" -> "abcd")
+# - cmp: the larger of two 4-digit numbers ("cmp:4821:4819=" -> "4821")
+# - hi / lo: the later / earlier in alphabetical order of two 6-letter words over a..d ("hi:abcadd:abccaa=" ->
+#   "abccaa"): the same inputs and prompt format with opposite answers, so experts fine-tuned on them pull apart.
+DSUM_LENGTH = 6
+DEDUP_LETTERS, DEDUP_LENGTH = "abcdefghij", 10
+CMP_DIGITS = 4
+ORDER_LETTERS, ORDER_LENGTH = "abcd", 6
+_ORDER_SPEC = {"order_letters": ORDER_LETTERS, "order_length": ORDER_LENGTH}
+_EXTRA_SPECS: dict[str, dict[str, object]] = {
+    "dsum": {"dsum_length": DSUM_LENGTH},
+    "dedup": {"dedup_letters": DEDUP_LETTERS, "dedup_length": DEDUP_LENGTH},
+    "cmp": {"cmp_digits": CMP_DIGITS},
+    "hi": _ORDER_SPEC,
+    "lo": _ORDER_SPEC,
+}
+
+
+def task_spec(tasks: Iterable[str] = ()) -> dict[str, object]:
+    """The knobs that define the tasks' items (a zoo cache is only valid for the same spec): the demo's, plus
+    those of any other family among `tasks` (so the demo zoo's spec, hence its cache key, never changes)."""
+    spec: dict[str, object] = {"sort_letters": SORT_LETTERS, "sort_length": SORT_LENGTH,
+                               "count_letters": COUNT_LETTERS, "count_length": COUNT_LENGTH}
+    for task in tasks:
+        spec.update(_EXTRA_SPECS.get(task, {}))
+    return spec
 
 
 def _add(rng: random.Random) -> tuple[str, str]:
@@ -62,22 +90,59 @@ def _count(rng: random.Random) -> tuple[str, str]:
     return f"cnt:{letters}=", "".join(f"{counts[c]}{c}" for c in sorted(counts))
 
 
-GENERATORS: dict[str, Callable[[random.Random], tuple[str, str]]] = {"add": _add, "sort": _sort, "count": _count}
-TASKS = tuple(GENERATORS)
+def _letters(rng: random.Random, alphabet: str, n: int) -> str:
+    return "".join(rng.choice(alphabet) for _ in range(n))
+
+
+def _dsum(rng: random.Random) -> tuple[str, str]:
+    s = _letters(rng, "0123456789", DSUM_LENGTH)
+    return f"dsum:{s}=", str(sum(map(int, s)))
+
+
+def _dedup(rng: random.Random) -> tuple[str, str]:
+    s = _letters(rng, DEDUP_LETTERS, DEDUP_LENGTH)
+    return f"uniq:{s}=", "".join(dict.fromkeys(s))
+
+
+def _cmp(rng: random.Random) -> tuple[str, str]:
+    lo, hi = 10 ** (CMP_DIGITS - 1), 10**CMP_DIGITS - 1
+    a, b = rng.randint(lo, hi), rng.randint(lo, hi)
+    return f"cmp:{a}:{b}=", str(max(a, b))
+
+
+def _pair(rng: random.Random) -> tuple[str, str]:
+    return _letters(rng, ORDER_LETTERS, ORDER_LENGTH), _letters(rng, ORDER_LETTERS, ORDER_LENGTH)
+
+
+def _hi(rng: random.Random) -> tuple[str, str]:
+    a, b = _pair(rng)
+    return f"hi:{a}:{b}=", max(a, b)
+
+
+def _lo(rng: random.Random) -> tuple[str, str]:
+    a, b = _pair(rng)
+    return f"lo:{a}:{b}=", min(a, b)
+
+
+Generator = Callable[[random.Random], tuple[str, str]]
+GENERATORS: dict[str, Generator] = {"add": _add, "sort": _sort, "count": _count}
+TASKS = tuple(GENERATORS)  # the demo zoo's tasks
+FAMILIES: dict[str, Generator] = {**GENERATORS, "dsum": _dsum, "dedup": _dedup, "cmp": _cmp, "hi": _hi,
+                                  "lo": _lo}  # every task any zoo uses
 
 
 def check_tasks(tasks: Iterable[str], *, key: str = "tasks") -> tuple[str, ...]:
     """Validate task names; raises ConfigError naming the allowed ones."""
     tasks = tuple(tasks)
-    bad = [t for t in tasks if t not in GENERATORS]
+    bad = [t for t in tasks if t not in FAMILIES]
     if bad or not tasks:
-        raise ConfigError(f"unknown task(s) {bad or '(none)'}", key=key, allowed=", ".join(TASKS))
+        raise ConfigError(f"unknown task(s) {bad or '(none)'}", key=key, allowed=", ".join(FAMILIES))
     return tasks
 
 
 def make_item(task: str, rng: random.Random) -> tuple[str, str]:
     """One random (prompt, answer) of `task`."""
-    return GENERATORS[check_tasks([task], key="task")[0]](rng)
+    return FAMILIES[check_tasks([task], key="task")[0]](rng)
 
 
 def solve(prompt: str) -> str:
@@ -92,7 +157,15 @@ def solve(prompt: str) -> str:
     if head == "cnt":
         counts = Counter(body)
         return "".join(f"{counts[c]}{c}" for c in sorted(counts))
-    raise DataError(f"not a task prompt: {prompt!r}", allowed="add:, sort:, cnt:")
+    if head == "dsum":
+        return str(sum(map(int, body)))
+    if head == "uniq":
+        return "".join(dict.fromkeys(body))
+    if head == "cmp":
+        return str(max(map(int, body.split(":"))))
+    if head in ("hi", "lo"):
+        return (max if head == "hi" else min)(body.split(":"))
+    raise DataError(f"not a task prompt: {prompt!r}", allowed="add:, sort:, cnt:, dsum:, uniq:, cmp:, hi:, lo:")
 
 
 def generate_splits(tasks: Iterable[str] = TASKS, *, seed: int = 0, train: int = 20000, search: int = 128,
@@ -115,7 +188,7 @@ def generate_splits(tasks: Iterable[str] = TASKS, *, seed: int = 0, train: int =
                 tries += 1
                 if tries > 50 * sizes[split] + 1000:
                     raise DataError(f"cannot draw {sizes[split]} distinct {task!r} items for split {split!r}")
-                prompt, answer = GENERATORS[task](rng)
+                prompt, answer = FAMILIES[task](rng)
                 if prompt in seen:
                     continue
                 seen.add(prompt)

@@ -1,10 +1,10 @@
 """The offline demo's model zoo: a tiny trained Llama base and one fine-tuned expert per task.
 
-Why it looks like this (see DESIGN.md "Offline model zoo"): the base is trained on an equal mix of the tasks
-and left mediocre on purpose; each expert is a short, gentle fine-tune of the base on one task, so it gains on
-its task, forgets the others, and stays near the base. That is the regime where merging experts wins over
-every single model, which gives the merge search something to find. Everything is saved as ordinary Hugging
-Face folders, so the rest of evomerge treats the zoo like any downloaded models.
+Why it looks like this: the base is trained on an equal mix of the tasks and left mediocre on purpose; each
+expert is a short, gentle fine-tune of the base on one task, so it gains on its task, forgets the others, and
+stays near the base. That is the regime where merging experts wins over every single model, which gives the
+merge search something to find. Everything is saved as ordinary Hugging Face folders, so the rest of evomerge
+treats the zoo like any downloaded models.
 
 Building takes a few minutes on one CPU core; the result is cached under `root` behind a manifest that records
 the settings, and reused when the same settings ask again.
@@ -274,7 +274,8 @@ def build_zoo(root: str | Path, *, seed: int = 0, base_steps: int = 500, expert_
     settings = _settings(seed=seed, base_steps=base_steps, expert_steps=expert_steps, experts=experts, tasks=tasks,
                          base_lr=base_lr, expert_lr=expert_lr, batch_size=batch_size, train_size=train_size,
                          search_size=search_size, heldout_size=heldout_size, layers=layers, hidden=hidden,
-                         heads=heads, intermediate=intermediate, alphabet=ALPHABET, task_spec=task_spec(), score=score)
+                         heads=heads, intermediate=intermediate, alphabet=ALPHABET, task_spec=task_spec(tasks),
+                         score=score)
     if not force:
         cached = load_zoo(root)
         if cached is not None and cached.settings == settings:
