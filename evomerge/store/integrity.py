@@ -42,20 +42,25 @@ def check_database(db: Path) -> None:
         raise ConfigError(f"the run database is damaged (integrity check: {result})" + hint, file=str(db))
 
 
-def backup_database(db: Path, folder: Path, label: str) -> Path:
-    """A consistent copy of `db` as `folder/study-LABEL.db` (written aside, then renamed); keeps the newest two."""
-    folder.mkdir(exist_ok=True)
-    final = folder / f"study-{label}.db"
-    tmp = folder / f".study-{label}.db.tmp"
-    src = sqlite3.connect(str(db), timeout=60)
+def _copy(source: Path, target: Path) -> None:
+    """A consistent copy of a SQLite database with the online backup API (other connections may write)."""
+    src = sqlite3.connect(str(source), timeout=60)
     try:
-        dst = sqlite3.connect(str(tmp))
+        dst = sqlite3.connect(str(target))
         try:
             src.backup(dst)
         finally:
             dst.close()
     finally:
         src.close()
+
+
+def backup_database(db: Path, folder: Path, label: str) -> Path:
+    """A consistent copy of `db` as `folder/study-LABEL.db` (written aside, then renamed); keeps the newest two."""
+    folder.mkdir(exist_ok=True)
+    final = folder / f"study-{label}.db"
+    tmp = folder / f".study-{label}.db.tmp"
+    _copy(db, tmp)
     os.replace(tmp, final)
     for old in sorted(folder.glob("study-*.db"), key=lambda p: p.stat().st_mtime)[:-BACKUPS_KEPT]:
         with contextlib.suppress(OSError):
@@ -79,15 +84,7 @@ def restore_latest_backup(db: Path, folder: Path) -> Path:
                 if side.exists():
                     os.replace(side, aside.with_name(aside.name + extra))
         tmp = db.with_name(f".{db.name}.restoring")
-        src = sqlite3.connect(str(backup))
-        try:
-            dst = sqlite3.connect(str(tmp))
-            try:
-                src.backup(dst)
-            finally:
-                dst.close()
-        finally:
-            src.close()
+        _copy(backup, tmp)
         os.replace(tmp, db)
         return backup
     raise ConfigError("no intact backup to restore" + (f" in {folder}" if candidates else " (none was made yet)"),
