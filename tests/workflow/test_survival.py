@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,18 @@ def _finished(run: Path) -> dict[int, tuple]:
         store.close()
 
 
+def _completed(run: Path) -> int:
+    """Completed trials, read straight from the database: cheap enough to poll between two trials."""
+    db = run / "study.db"
+    if not db.exists():
+        return 0
+    try:
+        with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1.0)) as con:
+            return int(con.execute("SELECT count(*) FROM trials WHERE state = 'COMPLETE'").fetchone()[0])
+    except sqlite3.Error:
+        return 0
+
+
 def _signature(run: Path) -> list[tuple]:
     return sorted(_finished(run).values())
 
@@ -64,27 +77,33 @@ def test_kill_9_drill(llama_family, tmp_path):
             proc = _cli("resume", str(run))
             proc.communicate(timeout=600)
             assert proc.returncode == 0
-            for name in ("best.yaml", "heldout.json", "heldout.md"):  # as if killed before the results
-                (run / name).unlink()
             seen = _finished(run)
-        proc = _cli("resume", str(run)) if (run / "study.db").exists() else _cli("run", str(space_a))
-        if phase == "creating the run":
-            until = lambda: False  # noqa: E731 - a plain deadline
-            delay = rng.uniform(0.5, 3.0)
-        elif phase == "searching":
-            target = len(seen) + rng.randint(1, 2)
-            until = lambda target=target: len(_finished(run)) >= target  # noqa: E731
-            delay = 60.0
-        else:
-            until = lambda: False  # noqa: E731
-            delay = rng.uniform(4.0, 9.0)  # the process loads its models, then scores the held-out split
-        end = time.monotonic() + delay
-        while time.monotonic() < end and proc.poll() is None and not until():
-            time.sleep(0.05)
-        if phase == "searching":
-            time.sleep(rng.uniform(0.0, 0.6))  # somewhere inside the next trial
-        if proc.poll() is not None:
+        for attempt in range(4):  # a phase that ended before its kill is tried again, sooner
+            if phase == "writing the results":
+                for name in ("best.yaml", "heldout.json", "heldout.md"):  # as if killed before the results
+                    (run / name).unlink(missing_ok=True)
+            proc = _cli("resume", str(run)) if (run / "study.db").exists() else _cli("run", str(space_a))
+            if phase == "creating the run":
+                until = lambda: False  # noqa: E731 - a plain deadline
+                delay = rng.uniform(0.5, 3.0) / 2**attempt
+            elif phase == "searching":
+                target = len(seen) + 1
+                until = lambda target=target: _completed(run) >= target  # noqa: E731
+                delay = 60.0
+            else:
+                until = lambda: False  # noqa: E731
+                delay = rng.uniform(4.0, 9.0) / 2**attempt  # loads its models, then scores the held-out split
+            end = time.monotonic() + delay
+            while time.monotonic() < end and proc.poll() is None and not until():
+                time.sleep(0.01)
+            if phase == "searching":
+                time.sleep(rng.uniform(0.0, 0.05))  # somewhere inside the next trial
+            if proc.poll() is None:
+                break
             assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
+            if phase == "searching":  # the search ended: no trial left to kill
+                break
+        if proc.poll() is not None:
             continue
         proc.send_signal(signal.SIGKILL)
         proc.wait()
