@@ -49,6 +49,10 @@ class ChatVector(BaseModel):
     model_config = ConfigDict(extra="forbid")
     target: str
     chat: str
+    # rows of embed_tokens / lm_head put into the target from the chat model after the merge (the Chat Vector
+    # paper's special-token map): a list of tokens (the same string in both), or {target token: chat token};
+    # integers are row ids
+    special_tokens: list[Union[int, str]] | dict[Union[int, str], Union[int, str]] | None = None
 
 
 class StackingConfig(BaseModel):

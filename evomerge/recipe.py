@@ -69,6 +69,38 @@ class OutputSlice(BaseModel):
         return self
 
 
+TokenRef = Union[int, str]
+
+
+class TokenRows(BaseModel):
+    """Rows of embed_tokens / lm_head taken from one model after the merge: the special-token map of the Chat
+    Vector paper's code (a chat model's `<|eot_id|>` rows, say, put into a target that never learned them).
+
+    `tokens`: (target token, `model`'s token) pairs; each is a token string looked up in that model's
+    tokenizer, or an integer row id. Given as a mapping, a list of pairs, or a list of tokens (the same token
+    in both); kept as pairs so integer ids stay integers in YAML and JSON."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    tokens: list[tuple[TokenRef, TokenRef]]
+
+    @field_validator("tokens", mode="before")
+    @classmethod
+    def _pairs(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            return list(v.items())
+        if isinstance(v, list):
+            return [t if isinstance(t, (list, tuple)) else (t, t) for t in v]
+        return v
+
+    @field_validator("tokens")
+    @classmethod
+    def _some(cls, v: list[tuple[TokenRef, TokenRef]]) -> list[tuple[TokenRef, TokenRef]]:
+        if not v:
+            raise ValueError("name at least one token")
+        return v
+
+
 class EvomergeOptions(BaseModel):
     """evomerge's extensions; mergekit ignores this key."""
 
@@ -81,6 +113,10 @@ class EvomergeOptions(BaseModel):
     )
     target_model: str | None = Field(
         default=None, description="model whose config, tokenizer and (kept) embeddings the output takes"
+    )
+    token_rows: TokenRows | None = Field(
+        default=None, description="embed_tokens / lm_head rows copied from one model after the merge "
+        "(the Chat Vector special-token map); mergekit does not apply them"
     )
 
 
@@ -136,6 +172,8 @@ class Recipe(BaseModel):
             refs.extend(src.model for src in s.sources)
         if self.evomerge and self.evomerge.target_model:
             refs.append(self.evomerge.target_model)
+        if self.evomerge and self.evomerge.token_rows:
+            refs.append(self.evomerge.token_rows.model)
         return list(dict.fromkeys(refs))
 
     def target_model(self) -> str:

@@ -34,11 +34,19 @@ def compute_tensor(
     *,
     params: dict[str, Any] | None = None,
     aligners: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] | None = None,
+    rows: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The merged value of `tp`; `params` overrides the recipe's resolution (the resident merger passes its own).
 
     `aligners[model](rows, fill_rows)` maps a model's embedding rows into the target vocabulary (policy 'align').
+    `rows`: (row ids, values) written over the merged rows (`evomerge.token_rows`).
     """
+    out = _merged(plan, tp, fetch, params, aligners)
+    return out if rows is None else out.index_copy(0, rows[0], rows[1].to(out.dtype))
+
+
+def _merged(plan: MergePlan, tp: TensorPlan, fetch: Fetch, params: dict[str, Any] | None,
+            aligners: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] | None) -> torch.Tensor:
     if tp.vocab == "keep_target":
         return fetch(plan.target, tp.out_name)
     tensors = [fetch(inp.model, inp.name) for inp in tp.inputs]

@@ -103,9 +103,17 @@ class ResidentMerger:
         missing = [tp.out_name for tp in self.plan.tensors if tp.out_name not in self._params]
         if missing:
             raise ModelLoadError(f"the live model has no parameter {missing[0]}", file=source)
+        # token_rows: (row ids, rows) written over every merge of a token table
+        self._rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for tp in self.plan.tensors:
+            found = self.session.rows_for(tp)
+            if found is not None:
+                self._rows[tp.out_name] = (found[0].to(self.device), found[1].to(self.device, self.dtype))
         with torch.no_grad():
-            for name, rows in self.held.kept.items():  # keep_target: the target's rows, once
-                self._params[name].copy_(rows)
+            for name, kept in self.held.kept.items():  # keep_target: the target's rows, once
+                self._params[name].copy_(kept)
+            for name, (ids, values) in self._rows.items():
+                self._params[name].index_copy_(0, ids, values)
         self.held.kept.clear()
         moved = sum(v for k, v in self.resident_bytes().items() if k in ("base", "deltas", "sources"))
         mode = "compile" if fused == "compile" or (fused == "auto" and moved >= COMPILE_MIN_BYTES) else "eager"
@@ -179,6 +187,8 @@ class ResidentMerger:
                 others = [t for i, t in enumerate(held.sources) if i != tp.base_index]
                 param.copy_(merge_tensor(method, base, others, plan.resolve(tp), generator=gen))
                 finite &= bool(torch.isfinite(param).all())
+            if tp.out_name in self._rows:
+                param.index_copy_(0, *self._rows[tp.out_name])
         if not finite:
             raise FloatingPointError("the merged weights contain NaN or inf")
         return self.model

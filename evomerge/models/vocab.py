@@ -108,3 +108,30 @@ def embedding_report(policy: str, target: str, alignments: dict[str, VocabAlignm
     lines = [f"embedding policy align: rows matched by token string onto '{target}'"]
     lines += ["  " + a.report() for a in (alignments or {}).values()]
     return "\n".join(lines)
+
+
+def token_row_ids(pairs: list[tuple[int | str, int | str]], target_tok, source_tok, *, target_rows: int,
+                  source_rows: int, target: str, source: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(target row ids, source row ids) of the (target token, source token) pairs: strings are looked up in
+    each tokenizer's vocabulary, integers are row ids. ConfigError naming the token that is not there."""
+    key = "evomerge.token_rows.tokens"
+
+    def row(ref: int | str, tok, rows: int, model: str) -> int:
+        if isinstance(ref, int):
+            i = ref
+        else:
+            vocab = tok.get_vocab() if tok is not None else {}
+            if ref not in vocab:
+                raise ConfigError(f"token {ref!r} is not in the vocabulary of model '{model}'"
+                                  + ("" if tok is not None else " (it has no tokenizer: give row ids)"), key=key)
+            i = vocab[ref]
+        if not 0 <= i < rows:
+            raise ConfigError(f"row {i} (token {ref!r}) is outside model '{model}''s {rows} embedding rows", key=key)
+        return i
+
+    t_ids = [row(t, target_tok, target_rows, target) for t, _ in pairs]
+    s_ids = [row(s, source_tok, source_rows, source) for _, s in pairs]
+    dup = next((t for t in t_ids if t_ids.count(t) > 1), None)
+    if dup is not None:
+        raise ConfigError(f"target row {dup} is named twice", key=key)
+    return torch.tensor(t_ids, dtype=torch.long), torch.tensor(s_ids, dtype=torch.long)

@@ -22,7 +22,7 @@ from evomerge.merge.registry import METHODS
 from evomerge.merge.resident import ResidentMerger
 from evomerge.merge.session import MergeSession
 from evomerge.models.sources import WeightSource
-from evomerge.recipe import Conditional, EvomergeOptions, ModelEntry, Recipe, evaluate_setting
+from evomerge.recipe import Conditional, EvomergeOptions, ModelEntry, Recipe, TokenRows, evaluate_setting
 from evomerge.spaces.genes import GeneLayout
 
 DEFAULT_GRIDS = {"density": 0.001}
@@ -226,8 +226,15 @@ class ParameterSpace:
             dtype=s.dtype,
             evomerge=EvomergeOptions(seed=s.seed, embeddings=s.embeddings,
                                      target_model=(self.refs[target]
-                                                   if s.chat_vector or s.embeddings != "merge" else None)),
+                                                   if s.chat_vector or s.embeddings != "merge" else None),
+                                     token_rows=self._token_rows()),
         )
+
+    def _token_rows(self) -> TokenRows | None:
+        cv = self.config.chat_vector
+        if cv is None or cv.special_tokens is None:
+            return None
+        return TokenRows(model=self.refs[cv.chat], tokens=cv.special_tokens)  # type: ignore[arg-type]
 
     # -- recipe -> genome --------------------------------------------------------------------------
     def encode(self, recipe: Recipe) -> np.ndarray:
@@ -323,7 +330,12 @@ class ParameterSpace:
         """Source weights read once and held resident; candidates merged in place into one live model."""
         template = self.decode(np.full(self.dim, 0.5))
         by_ref = {self.refs[n]: s for n, s in self.sources.items()}
-        session = MergeSession.open(template, device="cpu", source=self.source, sources=by_ref)
+        try:
+            session = MergeSession.open(template, device="cpu", source=self.source, sources=by_ref)
+        except ConfigError as exc:  # the recipe key the space wrote, said as the space's key
+            if not (exc.key or "").startswith("evomerge.token_rows"):
+                raise
+            raise ConfigError(exc.detail, file=self.source, key="chat_vector.special_tokens") from None
         return ResidentMerger(template, device=device, offload=offload, source=self.source, session=session)
 
 

@@ -94,3 +94,68 @@ def test_keep_target_keeps_the_target_rows(vocab_models, tmp_path):
     cp = load_file(str(vocab_models["cp"] / "model.safetensors"))
     for name in EMBEDS:
         assert torch.equal(exported[name], cp[name])
+
+
+def _with_token_rows(recipe: Recipe, model, tokens) -> Recipe:
+    data = recipe.to_dict()
+    data["evomerge"]["token_rows"] = {"model": str(model), "tokens": tokens}
+    return Recipe.from_dict(data)
+
+
+@pytest.mark.parametrize("policy", ["keep_target", "align"])
+def test_token_rows_come_from_the_chat_model(vocab_models, policy, tmp_path):
+    """The Chat Vector special-token map: named rows of the target (here at other ids than in the chat model)
+    are the chat model's rows, every other row is the plain merge's; the live model equals `evomerge merge`."""
+    m = vocab_models
+    plain = _recipe(m, "ties", "cp", policy=policy, target="cp")
+    cp_vocab = char_tokenizer(KOREAN + DEFAULT_ALPHABET).get_vocab()
+    chat_vocab = char_tokenizer(DEFAULT_ALPHABET).get_vocab()
+    # the same string in both, a string pair across vocabularies, an id pair
+    tokens = {"</s>": "</s>", "<s>": "<s>", "가": "a", cp_vocab["b"]: 5}
+    recipe = _with_token_rows(plain, m["chat"], tokens)
+    (tmp_path / "rows").mkdir()
+    (tmp_path / "plain").mkdir()
+    exported = _assert_live_equals_exported(recipe, tmp_path / "rows")
+    reference = _assert_live_equals_exported(plain, tmp_path / "plain")
+    target_ids = [cp_vocab["</s>"], cp_vocab["<s>"], cp_vocab["가"], cp_vocab["b"]]
+    chat_ids = [chat_vocab["</s>"], chat_vocab["<s>"], chat_vocab["a"], 5]
+    assert len(set(target_ids)) == 4 and target_ids != chat_ids  # ids differ: the map is by token string
+    chat = load_file(str(m["chat"] / "model.safetensors"))
+    for name in EMBEDS:
+        assert torch.equal(exported[name][target_ids], chat[name][chat_ids]), name
+        others = torch.ones(exported[name].shape[0], dtype=torch.bool)
+        others[target_ids] = False
+        assert torch.equal(exported[name][others], reference[name][others]), name
+        assert not torch.equal(reference[name][target_ids], chat[name][chat_ids])  # the rows did change
+
+
+def test_token_rows_written_again_after_every_merge(vocab_models):
+    """With `embeddings: align` the table is merged per candidate; the named rows stay the chat model's."""
+    m = vocab_models
+    recipe = _with_token_rows(_recipe(m, "ties", "cp", target="cp"), m["chat"], ["a"])
+    merger = ResidentMerger(recipe, fused="eager")
+    row = char_tokenizer(KOREAN + DEFAULT_ALPHABET).get_vocab()["a"]
+    want = load_file(str(m["chat"] / "model.safetensors"))["lm_head.weight"][char_tokenizer().get_vocab()["a"]]
+    for weight in (0.3, 1.2):
+        data = recipe.to_dict()
+        data["models"][0]["parameters"]["weight"] = weight
+        live = merger.merge(Recipe.from_dict(data)).state_dict()
+        assert torch.equal(live["lm_head.weight"][row], want)
+
+
+@pytest.mark.parametrize("tokens, says", [(["<|eot_id|>"], "'<|eot_id|>' is not in the vocabulary of model"),
+                                          ({"a": 999}, "row 999"), ({"a": "a", 6: "b"}, None)])
+def test_token_rows_errors_name_the_key(vocab_models, tmp_path, tokens, says):
+    from evomerge.errors import ConfigError
+
+    m = vocab_models
+    if says is None:  # 'a' is row 6 of the target: named twice
+        tokens = {"a": "a", char_tokenizer(KOREAN + DEFAULT_ALPHABET).get_vocab()["a"]: "b"}
+        says = "named twice"
+    recipe = _with_token_rows(_recipe(m, "ties", "cp", policy="keep_target", target="cp"), m["chat"], tokens)
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe.to_yaml())
+    with pytest.raises(ConfigError) as err:
+        materialize(Recipe.load(path), tmp_path / "out", progress=False, recipe_source=str(path))
+    assert says in str(err.value) and "evomerge.token_rows.tokens" in str(err.value) and str(path) in str(err.value)
+    assert not (tmp_path / "out").exists()
