@@ -61,7 +61,9 @@ TASK_VECTOR_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "b
 THRESHOLD_METHODS = ("ties",)  # top-k cuts: a threshold table per grid density (+ the order of tied elements)
 # breadcrumbs keep a band of ranks (two cuts): evomerge sorts per merge there, nothing beyond base + deltas is held
 RANK_ONLY_METHODS = ("della", "della_linear")  # MagPrune's drop probability depends on each element's rank
-SOURCE_METHODS = ("linear", "slerp", "nuslerp", "model_stock", "passthrough")  # read the models, not deltas
+# read the models, not deltas (every method of the registry outside TASK_VECTOR_METHODS: tested)
+SOURCE_METHODS = ("linear", "slerp", "nuslerp", "model_stock", "passthrough", "arcee_fusion", "karcher", "multislerp",
+                  "nearswap", "sce", "ram", "ramplus_tl")
 HALF = ("bfloat16", "float16")
 
 

@@ -263,3 +263,13 @@ def test_tied_tiny_model_shapes_are_what_save_pretrained_writes(tmp_path):
     assert param_shapes(cfg) == written and "lm_head.weight" not in written
     plan = plan_from_folder(folder / "config.json", n_experts=1, method="task_arithmetic", device_bytes=4 * GiB)
     assert plan.dtype == "float32" and plan["base"] == 4 * sum(torch.Size(s).numel() for s in written.values())
+
+
+def test_the_plan_knows_every_method_of_the_registry():
+    """Task-vector methods hold base + deltas, every other method holds the sources, as the resident merger does."""
+    from evomerge.merge.candidate import GTA_METHODS
+    from evomerge.merge.registry import METHODS
+    from evomerge.models.memory import SOURCE_METHODS, TASK_VECTOR_METHODS
+
+    assert set(TASK_VECTOR_METHODS) == set(GTA_METHODS)
+    assert set(SOURCE_METHODS) == set(METHODS) - set(GTA_METHODS)
