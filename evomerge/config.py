@@ -40,7 +40,8 @@ class Evolved(BaseModel):
         return self
 
 
-ParamValue = Union[Evolved, float, bool]
+EVOLVE = "evolve"  # evolve over the method's default range for the parameter
+ParamValue = Union[Evolved, float, bool, Literal["evolve"]]
 
 
 class ChatVector(BaseModel):
@@ -136,8 +137,10 @@ class SearchConfig(BaseModel):
     chat_vector: ChatVector | None = None
     evolve_models: list[str] | None = None  # models whose per-model parameters evolve (default: all but base)
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
-    granularity: Literal["layer", "block", "model"] = "layer"
+    # auto: per layer while there are about 10 search items per gene, else a curve of control points
+    granularity: Literal["auto", "layer", "block", "model", "curve"] = "auto"
     block_size: int = Field(default=1, ge=1)
+    control_points: int | None = Field(default=None, ge=2)  # curve: K points (default: as auto allows)
     split_attn_mlp: bool = False
     embeddings: Literal["merge", "keep_target", "align"] = "merge"
     stacking: StackingConfig | None = None
@@ -186,6 +189,8 @@ class SearchConfig(BaseModel):
             if not self.base_model:
                 raise KeyedValueError("chat_vector needs base_model (the model the chat delta is taken from)",
                                       "base_model")
+        if self.control_points is not None and self.granularity != "curve":
+            raise KeyedValueError("control_points needs granularity: curve", "control_points")
         if self.objectives == "vector" and self.optimizer.name == "cmaes":
             raise KeyedValueError("several objectives need a multi-objective optimizer "
                                   "(optimizer.name: nsga2, tpe or random)", "optimizer.name")

@@ -103,7 +103,8 @@ def validation_error(exc: ValidationError, source: str, *, key: str | None = Non
     if err["type"] == "extra_forbidden":
         last = dotted.rpartition(".")[2]
         msg = f"unknown key ({hints[last]})" if hints and last in hints else "unknown key"
-    elif len(union) > 1 and all(e["type"].endswith(("_type", "_parsing")) for e in union):
+    elif len(union) > 1 and all(e["type"].endswith(("_type", "_parsing")) or e["type"] == "literal_error"
+                                for e in union):
         kinds = list(dict.fromkeys(_member(e["loc"][-1]) for e in union))  # a value that fits no union member
         msg = f"{err['input']!r} is not valid here" if _short_input(err.get("input")) else "invalid value"
         msg += f" (expected {', '.join(kinds[:-1])} or {kinds[-1]})"
@@ -131,6 +132,8 @@ def _member(loc: Any) -> str:
         return simple[name]
     if name.startswith("list["):
         return "a list"
+    if name.startswith("literal["):
+        return name.removeprefix("literal[").removesuffix("]")
     return "a mapping" if name[:1].isupper() or name.startswith(("function-", "model")) else name
 
 

@@ -148,12 +148,14 @@ def test_preset_recipes_parse(recipe, fake_zoo):
 
 @pytest.mark.parametrize("edit,key", [
     (("merge_method: ties", "merge_method: tie"), "merge_method"),
-    (("density: {range: [0.4, 1.0]}", "density: {range: [0.0, 1.0]}"), "parameters.density.range"),
+    (("merge_method: ties", "merge_method: ties\nparameters: {density: {range: [0.0, 1.0]}}"),
+     "parameters.density.range"),
+    (("merge_method: ties", "merge_method: ties\nparameters: {normalize: evolve}"), "parameters.normalize"),
     (("budget: {trials: 96}", "budget: {trials: 0}"), "budget.trials"),
     (("budget: {trials: 96}", "budget: {trials: 96, seconds: -60}"), "budget.seconds"),
     (("budget: {trials: 96}", "budget: {trials: 96, seconds: ten}"), "budget.seconds"),
     (("optimizer: {name: cmaes}", "optimizer: {name: hillclimb}"), "optimizer.name"),
-    (("granularity: layer", "granularity: layr"), "granularity"),
+    (("merge_method: ties", "merge_method: ties\ngranularity: layr"), "granularity"),
     (("n_search: 96 ", "n_search: 400 "), "tasks.0.n_heldout"),
     (("max_new_tokens: 12", "max_new_tokens: twelve"), "tasks.0.max_new_tokens"),
 ])

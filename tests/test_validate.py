@@ -61,11 +61,15 @@ def _rejects(path: Path, key: str, *names: str) -> str:
 
 def test_a_good_space_validates_and_says_what_it_is(project):
     report = check_space(_space(project))
-    assert report.dim == 2 * 2 * 4  # weight, density x 2 experts x 4 layers
+    # granularity auto: 10 search items allow no 16 per-layer genes, so a curve of 2 control points
+    assert report.dim == 2 * 2 * 2  # weight, density x 2 experts x 2 points
     assert report.layer_counts == {"base": 4, "a": 4, "b": 4}
     assert [(t.name, t.items, t.n_search, t.n_heldout) for t in report.tasks] == [("g", 40, 10, 10)]
     text = report.summary()
-    assert "3 models" in text and "16 genes" in text and "10 search / 10 held-out" in text and "8 trials" in text
+    assert "3 models" in text and "8 genes" in text and "10 search / 10 held-out" in text and "8 trials" in text
+    assert "auto: curve of 2 points (10 search items" in text and "weight [0, 1]" in text
+    per_layer = check_space(_space(project, granularity="layer"))
+    assert per_layer.dim == 2 * 2 * 4 and "per layer" in per_layer.summary()
 
 
 # -- models ------------------------------------------------------------------------------------------
@@ -120,7 +124,7 @@ def test_incompatible_models(project, over, key, says):
 
 def test_vocabularies_may_differ_with_an_embedding_policy(project):
     _model(project / "b", vocab_size=80)
-    assert check_space(_space(project, embeddings="keep_target")).dim == 16
+    assert check_space(_space(project, embeddings="keep_target")).dim == 8  # auto: a curve of 2 points
 
 
 # -- the merge method --------------------------------------------------------------------------------
@@ -128,7 +132,7 @@ def test_vocabularies_may_differ_with_an_embedding_policy(project):
 @pytest.mark.parametrize("params,key", [
     ({"weight": {"range": [0, 1]}, "dens": 0.5}, "parameters.dens"),
     ({"weight": {"range": [0, 1]}, "density": {"range": [0.0, 1.5]}}, "parameters.density.range"),
-    ({"density": {"range": [0.1, 1]}}, "parameters.weight"),
+    ({"density": {"range": [0.1, 1]}, "normalize": "evolve"}, "parameters.normalize"),  # no default range
     ({"weight": 0.5, "density": 0.5}, "parameters"),  # nothing evolves
     ({"weight": {"range": [0, "x"]}}, "parameters.weight.range.1"),
     ({"weight": {"range": [1, 0]}}, "parameters.weight"),
@@ -137,9 +141,21 @@ def test_bad_parameters(project, params, key):
     _rejects(_space(project, parameters=params), key, str(project / "space.yaml"))
 
 
+@pytest.mark.parametrize("params", [{}, {"weight": "evolve", "density": "evolve"}, {"density": "evolve"}])
+def test_parameters_not_given_evolve_over_the_default_ranges(project, params):
+    """TIES's weight and density evolve over [0, 1] and [0.1, 1] (on the 0.001 grid) unless the space says."""
+    from evomerge.validate import check_space
+
+    report = check_space(_space(project, parameters=params))
+    assert "weight [0, 1]" in report.genome and "density [0.1, 1]" in report.genome, report.genome
+    fixed = check_space(_space(project, parameters={"density": 0.5}))
+    assert "density" not in fixed.genome and fixed.dim * 2 == report.dim
+
+
 def test_a_value_that_fits_no_member_of_a_union(project):
     params = {"weight": {"range": [0, 1]}, "density": "abc"}
-    _rejects(_space(project, parameters=params), "parameters.density", "'abc'", "a mapping, a number or true/false")
+    _rejects(_space(project, parameters=params), "parameters.density", "'abc'",
+             "a mapping, a number, true/false or 'evolve'")
 
 
 # -- budget ------------------------------------------------------------------------------------------
@@ -181,7 +197,7 @@ def test_seed_recipes(project):
     assert str(err.value).startswith(f"{project / 'r.yaml'}: key 'models.0.parameters.density'")
     recipe["models"][0]["parameters"]["density"] = 0.5
     (project / "r.yaml").write_text(yaml.safe_dump(recipe))
-    assert check_space(_space(project, seed_recipes=["r.yaml"])).dim == 16
+    assert check_space(_space(project, seed_recipes=["r.yaml"])).dim == 8  # auto: a curve of 2 points
 
 
 # -- stacking ----------------------------------------------------------------------------------------

@@ -29,13 +29,8 @@ from evomerge.demo.tasks import TASKS
 from evomerge.demo.zoo import ALPHABET, Zoo, build_zoo, score_tasks
 from evomerge.errors import ConfigError
 
-# What `write_space` adds only while the installed schema gives a TIES space no evolved parameters of its own
-# (then `weight` is required and nothing would evolve): the generic ranges of the README's "A search space"
-# example, not values tuned to any zoo. The writer leaves `parameters` out as soon as the defaults suffice.
-README_PARAMETERS: dict[str, Any] = {"weight": {"range": [0.0, 1.5]}, "density": {"range": [0.1, 1.0]}}
 MEASURED = "measured.json"
-__all__ = ["ALPHABET", "README_PARAMETERS", "ZOOS", "ZooSpec", "build", "measure", "needs_parameters", "task_files",
-           "write_space", "zoo_dir", "zoo_spec"]
+__all__ = ["ALPHABET", "ZOOS", "ZooSpec", "build", "measure", "task_files", "write_space", "zoo_dir", "zoo_spec"]
 
 
 @dataclass(frozen=True)
@@ -90,8 +85,9 @@ def task_files(zoo: Zoo) -> dict[str, Path]:
 
 
 def space_data(zoo: Zoo, *, name: str, optimizer: str = "cmaes", seed: int = 0, trials: int = 96,
-               n_search: int = 96, n_heldout: int = 384, parameters: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The search space as a mapping: what a user must give, and `parameters` only when passed."""
+               n_search: int = 96, n_heldout: int = 384) -> dict[str, Any]:
+    """The search space as a mapping: what a user must give, nothing more (parameters evolve over the schema's
+    default ranges)."""
     models = {"base": str(zoo.base.resolve()), **{t: str(p.resolve()) for t, p in zoo.experts.items()}}
     data: dict[str, Any] = {
         "name": name,
@@ -104,40 +100,18 @@ def space_data(zoo: Zoo, *, name: str, optimizer: str = "cmaes", seed: int = 0, 
         "budget": {"trials": trials},
         "seed": seed,
     }
-    if parameters:
-        data["parameters"] = parameters
     return data
 
 
 def write_space(zoo: Zoo, path: str | Path, *, name: str | None = None, optimizer: str = "cmaes", seed: int = 0,
                 trials: int = 96, n_search: int = 96, n_heldout: int = 384) -> Path:
-    """Write a search space for `zoo` at `path` using the schema's defaults for everything a user need not give.
-
-    If the installed schema has no evolved defaults for TIES (the space would not validate, or would evolve no
-    gene), `README_PARAMETERS` is added and a comment at the top of the file says so.
-    """
+    """Write a search space for `zoo` at `path` using the schema's defaults for everything a user need not give."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     kw: dict[str, Any] = {"name": name or path.stem, "optimizer": optimizer, "seed": seed, "trials": trials,
                           "n_search": n_search, "n_heldout": n_heldout}
     path.write_text(_dump(space_data(zoo, **kw)), encoding="utf-8")
-    if needs_parameters(path):
-        note = ("# The installed schema has no evolved defaults for ties, so this space adds the README's generic\n"
-                "# example ranges (evomerge.demo.zoos.README_PARAMETERS); nothing else is set beyond the defaults.\n")
-        path.write_text(note + _dump(space_data(zoo, **kw, parameters=README_PARAMETERS)), encoding="utf-8")
     return path
-
-
-def needs_parameters(path: Path) -> bool:
-    """Whether the space at `path` lacks parameters that the installed schema requires, or evolves no gene."""
-    from evomerge.validate import check_space
-
-    try:
-        return check_space(path).dim == 0
-    except ConfigError as exc:
-        if (exc.key or "").startswith("parameters"):
-            return True
-        raise
 
 
 def _dump(data: dict[str, Any]) -> str:

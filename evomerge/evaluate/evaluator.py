@@ -1,7 +1,8 @@
 """`Evaluator`: data loaded, split chosen and prompts tokenized ONCE; `evaluate(model)` scores a live model.
 
-Fitness = sum over tasks of weight x objective, where a task's objective is its chosen metric plus
-``loss_tiebreak x (-mean answer log-loss)`` (a small tie-breaker for coarse accuracies on small splits).
+Fitness = sum over tasks of weight x objective, where a task's objective is its chosen metric blended with the
+mean probability of the gold answer (``continuous`` share: a continuous score, so ranking candidates does not
+hinge on a few flipped items), plus ``loss_tiebreak x (-mean answer log-loss)``.
 With ``objectives="vector"`` the per-task objectives are returned as a vector for multi-objective search.
 """
 
@@ -78,6 +79,9 @@ class Evaluator:
                     raise ConfigError(f"task '{spec.name}' has no metric '{key}'", key="metric",
                                       allowed=", ".join(sorted(m)))
                 obj = m[key]
+                share = spec.continuous_share
+                if share and "gold_prob" in m:
+                    obj = (1 - share) * obj + share * m["gold_prob"]
                 if spec.loss_tiebreak and "loss" in m:
                     obj = obj - spec.loss_tiebreak * m["loss"]
                 m["objective"] = obj

@@ -10,9 +10,9 @@ Kinds (see evomerge/evaluate/README.md for the data formats):
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 TaskKind = Literal["kmmlu", "mcq", "generation", "lm_eval", "custom"]
 
@@ -23,6 +23,10 @@ DEFAULT_METRIC: dict[str, str] = {
     "lm_eval": "acc",
     "custom": "score",
 }
+
+
+AUTO_CONTINUOUS = 0.25  # accuracy stays three quarters of the objective: the report measures accuracy
+BLENDABLE = ("acc", "acc_norm", "exact_match")  # metrics on the probability's [0, 1] scale
 
 
 def _looks_like_file(path: str | None) -> bool:
@@ -52,6 +56,10 @@ class TaskSpec(BaseModel):
     weight: float = 1.0
     metric: str | None = None
     loss_tiebreak: float = Field(default=0.0, ge=0.0)
+    # share of the objective taken by the gold answer's probability (continuous, so one flipped item moves the
+    # fitness a little rather than a whole step); "auto": 0.25 where that probability is the answer's own
+    # (multiple choice, generation without answer_regex), 0 otherwise (chain of thought, lm-eval, custom)
+    continuous: Union[float, Literal["auto"]] = "auto"
     # prompting
     num_fewshot: int = Field(default=0, ge=0)
     fewshot_path: str | None = None
@@ -95,6 +103,21 @@ class TaskSpec(BaseModel):
             except re.error as exc:
                 raise ValueError(f"task '{self.name}': answer_regex is not a valid regex: {exc}") from exc
         return self
+
+    @field_validator("continuous")
+    @classmethod
+    def _share(cls, v: float | str) -> float | str:
+        if isinstance(v, float) and not 0.0 <= v <= 1.0:
+            raise ValueError(f"continuous is a share of the objective in [0, 1], got {v}")
+        return v
+
+    @property
+    def continuous_share(self) -> float:
+        """The share of the gold answer's probability in the objective (see `continuous`)."""
+        if self.continuous != "auto":
+            return float(self.continuous)
+        direct = self.kind in ("kmmlu", "mcq") or (self.kind == "generation" and self.answer_regex is None)
+        return AUTO_CONTINUOUS if direct and self.objective_metric in BLENDABLE else 0.0
 
     @property
     def objective_metric(self) -> str:

@@ -156,10 +156,12 @@ class MCQTask(PreparedTask):
         pred = padded.argmax(-1)
         pred_norm = (padded / self._lens).argmax(-1)
         gold_ll = padded.gather(1, self._gold[:, None]).squeeze(1)
+        gold_prob = torch.softmax(padded, -1).gather(1, self._gold[:, None]).squeeze(1)  # among the choices
         metrics = {
             "acc": float((pred == self._gold).double().mean()),
             "acc_norm": float((pred_norm == self._gold).double().mean()),
             "loss": float(-gold_ll.mean()),
+            "gold_prob": float(gold_prob.double().mean()),
         }
         per_item = {
             it.id: {"loglik": padded[i, : len(it.choices)].tolist(), "pred": int(pred[i]), "gold": it.answer,
@@ -184,7 +186,7 @@ class GenerationTask(PreparedTask):
         self.numeric = [normalize_number(it.answer) is not None for it in items]
         self.gold = [normalize_answer(it.answer) for it in items]
         self.loss_plan = None
-        if spec.loss_tiebreak > 0:  # teacher-forced answer (+ EOS) log-loss, mean per token
+        if spec.loss_tiebreak > 0 or spec.continuous_share > 0:  # teacher-forced answer (+ EOS) log-loss per token
             eos = tokenizer.eos_token_id
             groups = []
             for c, it in zip(ctxs, items):
@@ -201,7 +203,9 @@ class GenerationTask(PreparedTask):
         correct = [p == g for p, g in zip(preds, self.gold)]
         metrics = {"exact_match": float(np.mean(correct))}
         if self.loss_plan is not None:
-            metrics["loss"] = float((-self.loss_plan.run(model) / self.n_tok).mean())
+            per_token = -self.loss_plan.run(model) / self.n_tok
+            metrics["loss"] = float(per_token.mean())
+            metrics["gold_prob"] = float(torch.exp(-per_token).mean())  # geometric mean of the answer's tokens
         per_item = {it.id: {"output": o, "pred": p, "gold": g, "correct": c, "exact_match": bool(c)}
                     for it, o, p, g, c in zip(self.items, outputs, preds, self.gold, correct)}
         return metrics, per_item

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any, Optional
 
 import torch
@@ -34,11 +35,11 @@ _INF = math.inf
 
 # ------------------------------------------------------------------ parameter specs
 def _weight(required: bool = True) -> ParamSpec:
-    return ParamSpec("weight", default=REQUIRED if required else 1.0, per_model=True,
+    return ParamSpec("weight", default=REQUIRED if required else 1.0, per_model=True, search=(0.0, 1.0),
                      doc="multiplier of the model's task vector / share in the average")
 
 
-_DENSITY = ParamSpec("density", default=1.0, low=0.0, high=1.0, low_open=True, per_model=True,
+_DENSITY = ParamSpec("density", default=1.0, low=0.0, high=1.0, low_open=True, per_model=True, search=(0.1, 1.0),
                      doc="fraction of the task vector kept")
 _GAMMA = ParamSpec("gamma", default=0.01, low=0.0, high=1.0, per_model=True,
                    doc="fraction of largest-magnitude outliers removed (breadcrumbs)")
@@ -59,7 +60,7 @@ def _gta_params(sparsification: Optional[str], normalize: bool, rescale: bool) -
         _bool("rescale", rescale, "L1-rescale each sparsified task vector"),
         _LAMBDA,
         _weight(),
-        _DENSITY,
+        _DENSITY if sparsification else replace(_DENSITY, search=None),  # no sparsification: nothing to evolve
     ]
     if sparsification == "magnitude_outliers":
         params.append(_GAMMA)
@@ -163,7 +164,7 @@ METHODS: dict[str, MethodSpec] = {
         _gta("della", "della_magprune", "sum", True, True, "DELLA MagPrune + sign election"),
         _gta("della_linear", "della_magprune", None, False, True, "DELLA MagPrune, plain sum"),
         MethodSpec("slerp", "required",
-                   (ParamSpec("t", default=REQUIRED, low=0.0, high=1.0,
+                   (ParamSpec("t", default=REQUIRED, low=0.0, high=1.0, search=(0.0, 1.0),
                               doc="interpolation from the base (0) to the other model (1)"),),
                    min_models=1, max_models=1, fn=_slerp,
                    doc="spherical interpolation between the base and one model"),

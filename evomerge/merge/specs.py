@@ -46,6 +46,7 @@ class ParamSpec:
     high_open: bool = False
     per_model: bool = False
     doc: str = ""
+    search: tuple[float, float] | None = None  # the range a search evolves it in when a space does not say
 
     @property
     def required(self) -> bool:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from evomerge.config import Evolved, SearchConfig
+from evomerge.config import EVOLVE, Evolved, ParamValue, SearchConfig
 from evomerge.errors import ConfigError
 from evomerge.merge.registry import METHODS
 from evomerge.merge.resident import ResidentMerger
@@ -24,6 +24,7 @@ from evomerge.merge.session import MergeSession
 from evomerge.models.sources import WeightSource
 from evomerge.recipe import Conditional, EvomergeOptions, ModelEntry, Recipe, TokenRows, evaluate_setting
 from evomerge.spaces.genes import GeneLayout
+from evomerge.spaces.points import MIN_POINTS, Points, auto_points, stated_search_items
 
 DEFAULT_GRIDS = {"density": 0.001}
 COMPONENT_FILTERS = {"attn": "self_attn", "mlp": "mlp"}
@@ -66,13 +67,16 @@ class ParameterSpace:
         self.num_layers = num_layers
         self.source = source
         self.method = "task_arithmetic" if config.chat_vector else config.merge_method
+        self.parameters: dict[str, ParamValue] = {}
         if self.method is None:
             self.genes: list[Gene] = []
             return
         self.spec = METHODS[self.method]
+        self.parameters = self._with_defaults()
         self._check_parameters()
         self.members = self._members()
-        self.groups = self._groups()
+        self.points_reason: str = f"per {self.config.granularity}"  # why these points (auto says more)
+        self.points = self._points()
         self.genes = self._layout_genes()
 
     # -- structure ---------------------------------------------------------------------------------
@@ -80,9 +84,27 @@ class ParameterSpace:
     def dim(self) -> int:
         return len(self.genes)
 
+    def _with_defaults(self) -> dict[str, ParamValue]:
+        """The space's parameters, `evolve` and unnamed parameters that have a default range evolving over it
+        (the method's main knobs: weight, density, slerp's t); what a space fixes stays fixed."""
+        known = {**self.spec.per_model_params, **self.spec.global_params}
+        params: dict[str, ParamValue] = {}
+        for name, value in self.config.parameters.items():
+            if value == EVOLVE and not isinstance(value, bool):
+                pspec = known.get(name)
+                if pspec is not None and pspec.search is None:
+                    raise ConfigError(f"{self.method}'s '{name}' has no default range", file=self.source,
+                                      key=f"parameters.{name}", allowed="{range: [low, high]}")
+                value = Evolved(range=pspec.search) if pspec is not None and pspec.search else value
+            params[name] = value
+        for name, pspec in known.items():
+            if name not in params and pspec.search is not None:
+                params[name] = Evolved(range=pspec.search)
+        return params
+
     def _check_parameters(self) -> None:
         known = {**self.spec.per_model_params, **self.spec.global_params}
-        for name, value in self.config.parameters.items():
+        for name, value in self.parameters.items():
             if name not in known:
                 raise ConfigError(f"'{name}' is not a parameter of {self.method}", file=self.source,
                                   key=f"parameters.{name}", allowed=", ".join(sorted(known)))
@@ -105,7 +127,7 @@ class ParameterSpace:
                     raise ConfigError(exc.detail, file=self.source, key=f"parameters.{name}",
                                       allowed=pspec.allowed) from None
         for name, pspec in self.spec.per_model_params.items():
-            if pspec.required and name not in self.config.parameters and not self.config.chat_vector:
+            if pspec.required and name not in self.parameters and not self.config.chat_vector:
                 raise ConfigError(f"{self.method} needs '{name}' (fixed or evolved)", file=self.source,
                                   key=f"parameters.{name}")
 
@@ -132,19 +154,36 @@ class ParameterSpace:
             return model == s.chat_vector.chat
         return model in (s.evolve_models or self.members)
 
-    def _groups(self) -> list[list[int]]:
+    def _points(self) -> Points:
         n, s = self.num_layers, self.config
         if s.granularity == "model":
-            return [list(range(n))]
-        size = s.block_size if s.granularity == "block" else 1
-        return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+            return Points.grouped(n, max(n, 1))
+        if s.granularity in ("layer", "block"):
+            return Points.grouped(n, s.block_size if s.granularity == "block" else 1)
+        per_point = self._genes_per_point()
+        if s.granularity == "curve" and s.control_points:
+            if not MIN_POINTS <= s.control_points <= n:
+                raise ConfigError(f"a curve over {n} layers takes {MIN_POINTS} to {n} control points",
+                                  file=self.source, key="control_points", allowed=f"{MIN_POINTS}..{n}")
+            self.points_reason = f"curve of {s.control_points} points (control_points)"
+            return Points.curved(n, s.control_points)
+        points, self.points_reason = auto_points(n, per_point, stated_search_items(s))
+        if s.granularity == "curve" and not points.curve:  # curve asked for: the largest that auto allows
+            points, self.points_reason = Points.curved(n, n), f"curve of {n} points ({self.points_reason})"
+        return points
+
+    def _genes_per_point(self) -> int:
+        owners = len([m for m in self.members if self.evolving(m)])
+        evolved = [n for n, v in self.parameters.items() if isinstance(v, Evolved)]
+        per = sum(owners if n in self.spec.per_model_params else 1 for n in evolved)
+        return per * len(self._components())
 
     def _components(self) -> list[str]:
         return ["attn", "mlp"] if self.config.split_attn_mlp else ["all"]
 
     def _layout_genes(self) -> list[Gene]:
         genes = []
-        for name, value in self.config.parameters.items():
+        for name, value in self.parameters.items():
             if not isinstance(value, Evolved):
                 continue
             grid = value.grid or DEFAULT_GRIDS.get(name)
@@ -154,32 +193,34 @@ class ParameterSpace:
             else:
                 owners = [None]
             for owner in owners:
-                for gi in range(len(self.groups)):
+                for gi in range(len(self.points)):
                     for comp in self._components():
                         genes.append(Gene(name, owner, gi, comp, value.range[0], value.range[1], grid))
         return genes
 
     # -- genome -> recipe --------------------------------------------------------------------------
-    def per_layer(self, genome: np.ndarray) -> dict[tuple[str, str | None, str], list[float]]:
-        """(param, model, component) -> value at every layer."""
+    def per_point(self, genome: np.ndarray) -> dict[tuple[str, str | None, str], list[float]]:
+        """(param, model, component) -> value at every point (layer group or control point)."""
         genome = np.asarray(genome, dtype=float)
         if genome.shape != (self.dim,):
             raise ValueError(f"genome has {genome.shape} genes, the space has {self.dim}")
         out: dict[tuple[str, str | None, str], list[float]] = {}
         for g, gene in zip(genome, self.genes):
-            row = out.setdefault((gene.param, gene.model, gene.component), [math.nan] * self.num_layers)
-            for layer in self.groups[gene.group]:
-                row[layer] = gene.value(g)
+            out.setdefault((gene.param, gene.model, gene.component), [math.nan] * len(self.points))[gene.group] = \
+                gene.value(g)
         return out
+
+    def per_layer(self, genome: np.ndarray) -> dict[tuple[str, str | None, str], list[float]]:
+        """(param, model, component) -> value at every layer, as the recipe resolves it."""
+        return {key: self.points.layer_values(row) for key, row in self.per_point(genome).items()}
 
     def layer_params(self, genome: np.ndarray) -> dict[str, list[float]]:
         """Row label -> per-layer values, for the report's heatmap."""
         return {f"{p}/{m or '*'}/{c}": v for (p, m, c), v in self.per_layer(genome).items()}
 
     def _setting(self, rows: dict[str, list[float]]) -> Any:
-        """Per-layer rows for one parameter -> a mergekit setting (scalar, gradient, or attn/mlp filters)."""
-        def compact(values: list[float]) -> Any:
-            return values[0] if self.config.granularity == "model" or len(set(values)) == 1 else values
+        """Per-point rows for one parameter -> a mergekit setting (scalar, gradient, or attn/mlp filters)."""
+        compact = self.points.setting
 
         if "all" in rows:
             return compact(rows["all"])
@@ -191,10 +232,10 @@ class ParameterSpace:
 
     def decode(self, genome: np.ndarray) -> Recipe:
         s = self.config
-        table = self.per_layer(genome)
+        table = self.per_point(genome)
         shared: dict[str, Any] = {}
         per_model: dict[str, dict[str, Any]] = {m: {} for m in self.members}
-        for name, value in s.parameters.items():
+        for name, value in self.parameters.items():
             is_model_param = name in self.spec.per_model_params
             if isinstance(value, Evolved):
                 fixed = value.init if value.init is not None else (value.range[0] + value.range[1]) / 2
@@ -246,8 +287,8 @@ class ParameterSpace:
         genome = np.empty(self.dim)
         n = self.num_layers
         for i, gene in enumerate(self.genes):
-            layer = self.groups[gene.group][0]
-            t = layer / (n - 1) if n > 1 else 1.0
+            t = self.points.position(gene.group)
+            layer = round(t * (n - 1))
             comp = {"attn": "self_attn.q_proj", "mlp": "mlp.up_proj", "all": "self_attn.q_proj"}[gene.component]
             tensor = f"model.layers.{layer}.{comp}.weight"
             value = None
@@ -274,9 +315,7 @@ class ParameterSpace:
         """Readable gene names in real units for the study: `sort.weight.layer0`, `x.density.layers0-1.mlp`."""
         names = []
         for gene in self.genes:
-            layers = self.groups[gene.group]
-            where = (f"layer{layers[0]}" if len(layers) == 1 else
-                     "all_layers" if len(layers) == self.num_layers else f"layers{layers[0]}-{layers[-1]}")
+            where = self.points.name(gene.group)
             part = "" if gene.component == "all" else f".{gene.component}"
             names.append(f"{gene.model or 'all'}.{gene.param}.{where}{part}")
         return GeneLayout(tuple(names), tuple(g.low for g in self.genes), tuple(g.high for g in self.genes))
@@ -304,7 +343,7 @@ class ParameterSpace:
         return out
 
     def _holds(self, values: dict[str, float]) -> bool:
-        for name, setting in self.config.parameters.items():
+        for name, setting in self.parameters.items():
             if name not in values:
                 continue
             if isinstance(setting, Evolved):

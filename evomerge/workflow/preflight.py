@@ -144,16 +144,17 @@ def _parameter_space(config: SearchConfig, models: dict[str, ModelInfo], refs: d
             space.encode(recipe)
         except EvomergeError as exc:
             raise exc.located(where, "models") from None
-    evolved = [n for n, v in config.parameters.items() if isinstance(v, Evolved)]
+    evolved = [f"{n} [{v.range[0]:g}, {v.range[1]:g}]" for n, v in space.parameters.items() if isinstance(v, Evolved)]
     owners = [m for m in space.members if space.evolving(m)]
-    groups = len(space.groups) if space.genes else 0
     parts = [", ".join(evolved) or "no evolved parameter"]
-    if any(n in space.spec.per_model_params for n in evolved):
+    if any(n in space.spec.per_model_params for n, v in space.parameters.items() if isinstance(v, Evolved)):
         parts.append(_plural(len(owners), "model"))
-    parts.append(f"{_plural(groups, 'layer group')} ({n_layers} layers)")
+    parts.append(space.points.describe() if space.genes else f"0 layer groups ({n_layers} layers)")
     if config.split_attn_mlp:
         parts.append("attention/MLP")
-    method = f"{space.method}" + (" (chat vector)" if config.chat_vector else "") + f", per {config.granularity}"
+    how = f"{config.granularity}: {space.points_reason}" if config.granularity in ("auto", "curve") else \
+        space.points_reason
+    method = f"{space.method}" + (" (chat vector)" if config.chat_vector else "") + f", {how}"
     return method, space.dim, " x ".join(parts)
 
 

@@ -112,15 +112,10 @@ def test_written_space_validates_with_only_user_keys(built, tmp_path):
     checked = check_space(path)
     assert checked.dim > 0 and checked.method.startswith("ties")
     data = yaml.safe_load(path.read_text())
-    assert set(data) - {"parameters"} == USER_KEYS
+    assert set(data) == USER_KEYS
     assert data["optimizer"] == {"name": "random"} and data["budget"] == {"trials": 5} and data["seed"] == 2
     assert data["merge_method"] == "ties" and data["base_model"] == "base"
     assert set(data["models"]) == {"base", *zoo.experts}
     for task in data["tasks"]:
         assert set(task) == {"name", "kind", "path", "n_search", "n_heldout"}
         assert (task["n_search"], task["n_heldout"]) == (8, 16)
-    if "parameters" in data:  # only while the schema has no evolved defaults of its own
-        assert data["parameters"] == zoos.README_PARAMETERS
-        bare = tmp_path / "bare.yaml"
-        bare.write_text(yaml.safe_dump({k: v for k, v in data.items() if k != "parameters"}))
-        assert zoos.needs_parameters(bare)

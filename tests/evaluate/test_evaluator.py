@@ -46,8 +46,9 @@ def files(tmp_path_factory):
 
 def test_weighted_and_vector_fitness(tiny, files):
     model, tok = tiny
-    specs = [TaskSpec(name="k", kind="kmmlu", path=str(files / "k.csv"), n_search=12, weight=2.0),
-             TaskSpec(name="m", kind="mcq", path=str(files / "m.jsonl"), weight=0.5, loss_tiebreak=0.1)]
+    specs = [TaskSpec(name="k", kind="kmmlu", path=str(files / "k.csv"), n_search=12, weight=2.0, continuous=0.0),
+             TaskSpec(name="m", kind="mcq", path=str(files / "m.jsonl"), weight=0.5, loss_tiebreak=0.1,
+                      continuous=0.0)]
     r = Evaluator(specs, tok, split="search").evaluate(model)
     m = r.metrics
     assert m["m"]["objective"] == pytest.approx(m["m"]["acc"] - 0.1 * m["m"]["loss"])
@@ -56,6 +57,44 @@ def test_weighted_and_vector_fitness(tiny, files):
     v = Evaluator(specs, tok, split="search", objectives="vector").evaluate(model)
     assert v.objectives == pytest.approx([m["k"]["acc"], m["m"]["objective"]]) and v.fitness == pytest.approx(r.fitness)
     assert set(m["m"]) >= {"acc", "acc_norm", "loss"} and r.seconds > 0
+
+
+def test_continuous_share_blends_the_gold_answers_probability(tiny, files):
+    """Multiple choice: the gold choice's softmax probability among the choices; generation: the geometric mean
+    probability of the gold answer's tokens (+ EOS), teacher-forced; blended 1:3 with accuracy by default."""
+    import math
+
+    model, tok = tiny
+    mcq = TaskSpec(name="m", kind="mcq", path=str(files / "m.jsonl"))
+    gen = TaskSpec(name="g", kind="generation", path=str(files / "g.jsonl"), max_new_tokens=4)
+    r = Evaluator([mcq, gen], tok, split="all").evaluate(model, per_item=True)
+    probs = []
+    for item in r.per_item["m"].values():
+        lls = item["loglik"]
+        probs.append(math.exp(lls[item["gold"]]) / sum(math.exp(x) for x in lls))
+    m = r.metrics["m"]
+    assert m["gold_prob"] == pytest.approx(sum(probs) / len(probs), rel=1e-9)
+    assert m["objective"] == pytest.approx(0.75 * m["acc"] + 0.25 * m["gold_prob"], rel=1e-12)
+
+    rows = [json.loads(x) for x in (files / "g.jsonl").read_text().splitlines()]
+    want = []
+    for row in rows:  # teacher-forced by hand: full-sequence logits of prompt + answer + EOS
+        prompt = tok(row["prompt"])["input_ids"]
+        answer = tok(row["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        with torch.inference_mode():
+            logp = torch.log_softmax(model(torch.tensor([prompt + answer])).logits[0].double(), -1)
+        lp = sum(float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(answer))
+        want.append(math.exp(lp / len(answer)))
+    g = r.metrics["g"]
+    assert g["gold_prob"] == pytest.approx(sum(want) / len(want), rel=1e-5)
+    assert g["objective"] == pytest.approx(0.75 * g["exact_match"] + 0.25 * g["gold_prob"], rel=1e-12)
+    assert r.fitness == pytest.approx(m["objective"] + g["objective"])
+
+    cot = TaskSpec(name="c", kind="generation", path=str(files / "g.jsonl"), answer_regex=r"(\d+)")
+    assert cot.continuous_share == 0.0  # chain of thought: the bare answer is not what the model says first
+    assert TaskSpec(name="x", kind="mcq", path="m.jsonl", continuous=0.6).continuous_share == 0.6
+    with pytest.raises(ValueError, match="continuous"):
+        TaskSpec(name="x", kind="mcq", path="m.jsonl", continuous=1.5)
 
 
 def test_split_ids_disjoint_and_reproducible(tiny, files):
@@ -180,7 +219,8 @@ def test_generation_stops_at_eos_and_scores_exact_match(files):
 
     (files / "e.jsonl").write_text("".join(json.dumps({"prompt": p, "answer": "12"}) + "\n"
                                            for p in ["a", "bbb", "cc"]))
-    spec = TaskSpec(name="e", kind="generation", path=str(files / "e.jsonl"), max_new_tokens=20)
+    spec = TaskSpec(name="e", kind="generation", path=str(files / "e.jsonl"), max_new_tokens=20,
+                    continuous=0.0)  # the script overrides what generation sees only
     res = Evaluator([spec], tok, split="all").evaluate(Scripted(model), per_item=True)
     assert res.metrics["e"]["exact_match"] == 1.0
     assert {d["output"] for d in res.per_item["e"].values()} == {"12"}

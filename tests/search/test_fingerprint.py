@@ -35,7 +35,8 @@ def _space(fam: dict[str, Path], tmp: Path) -> Path:
         "granularity": "block",
         "block_size": 2,
         "tasks": [{"name": "add", "kind": "mcq", "path": str(tmp / "mcq.jsonl"), "n_search": 10,
-                   "n_heldout": 10, "loss_tiebreak": 0.01}],
+                   "n_heldout": 10, "loss_tiebreak": 0.01,
+                   "continuous": 0.0}],  # the fitness as it was when the fingerprint was recorded
         "optimizer": {"name": "cmaes", "popsize": 4},
         "budget": {"trials": 12},
         "heldout": {"top_k": 1, "sources": False, "baselines": False},

@@ -40,7 +40,7 @@ def test_names_and_real_units_in_the_study(tmp_path):
     per_layer = space.per_layer(genome)
     for name, gene, g in zip(layout.names, space.genes, genome):
         assert np.isclose(trial.params[name], gene.low + g * (gene.high - gene.low))  # real units
-        layer = space.groups[gene.group][0]
+        layer = space.points.groups[gene.group][0]
         assert abs(trial.params[name] - per_layer[(gene.param, gene.model, gene.component)][layer]) <= 0.0005  # grid
     # a sampler proposes under the same names and ranges
     opt = make_optimizer("tpe", space.dim, seed=0, layout=layout)
