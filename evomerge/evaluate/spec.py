@@ -14,6 +14,8 @@ from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from evomerge.yamlio import KeyedValueError
+
 TaskKind = Literal["kmmlu", "mcq", "generation", "lm_eval", "custom"]
 
 DEFAULT_METRIC: dict[str, str] = {
@@ -50,6 +52,9 @@ class TaskSpec(BaseModel):
     n_heldout: int | None = Field(default=None, ge=1)
     # items that re-score the best candidates to pick the exported recipe (none: the best on search is exported)
     n_selection: int | None = Field(default=None, ge=1)
+    # fixed files for a split instead of carving it out of `path` (every item of the file, same format)
+    heldout_path: str | None = None
+    selection_path: str | None = None
     per_category: int | None = Field(default=None, ge=1)
     seed: int = 0
     # fitness
@@ -90,6 +95,15 @@ class TaskSpec(BaseModel):
             if self.num_fewshot and not self.fewshot_path and not self.dataset and _looks_like_file(self.path):
                 raise ValueError(f"task '{self.name}': num_fewshot={self.num_fewshot} needs `fewshot_path` "
                                  "(a dev split) or a KMMLU folder as `path` (its {Subject}-dev.csv files)")
+        for key in ("heldout_path", "selection_path"):
+            if getattr(self, key) is not None:
+                if self.kind not in ("kmmlu", "mcq", "generation"):
+                    raise KeyedValueError(f"task '{self.name}': {key} is for file tasks (kmmlu, mcq, generation)",
+                                          key)
+                count = {"heldout_path": "n_heldout", "selection_path": "n_selection"}[key]
+                if getattr(self, count) is not None:
+                    raise KeyedValueError(f"task '{self.name}': give {key} (every item of the file) or {count}, "
+                                          "not both", key)
         if self.kind == "lm_eval" and not (self.lm_eval_task or self.lm_eval_yaml):
             raise ValueError(f"task '{self.name}' (kind lm_eval) needs `lm_eval_task` (a name) "
                              "or `lm_eval_yaml` (a file)")

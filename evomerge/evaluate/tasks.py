@@ -53,10 +53,39 @@ class PreparedTask:
         raise NotImplementedError
 
 
-def select_items(spec: TaskSpec, items: list, split: str, source: str) -> list:
-    parts = make_splits(items, seed=spec.seed, n_search=spec.n_search, n_heldout=spec.n_heldout,
-                        per_category=spec.per_category, source=source, n_selection=spec.n_selection)
-    chosen = parts[split]
+def task_splits(spec: TaskSpec, items: list, source: str, base_dir=None) -> dict[str, list]:
+    """{"search", "selection", "heldout", "all"} of a file task: carved out of `items` by `make_splits`, or read
+    whole from `heldout_path` / `selection_path`; DataError if a fixed file shares an item with another split."""
+    fixed = {"heldout": spec.heldout_path, "selection": spec.selection_path}
+    parts = make_splits(items, seed=spec.seed, n_search=spec.n_search,
+                        n_heldout=0 if spec.heldout_path else spec.n_heldout, per_category=spec.per_category,
+                        source=source, n_selection=spec.n_selection)
+    for split, path in fixed.items():
+        if path is None:
+            continue
+        parts[split] = load_items(spec.kind, path=path, subjects=spec.subjects, split=spec.split, base_dir=base_dir)
+        key = f"{split}_path"
+        mine = {_content(it) for it in parts[split]}
+        for other in ("search", "selection", "heldout"):
+            if other == split or (other != "search" and fixed[other] is None and not parts[other]):
+                continue
+            shared = [it for it in parts[other] if _content(it) in mine]
+            if shared:
+                raise DataError(f"{len(shared)} item(s) of the {split} file are also in the {other} split (e.g. "
+                                f"{_content(shared[0])[0][:40]!r}): the splits must be disjoint",
+                                file=str(resolve_path(path, base_dir)), key=key)
+    return parts
+
+
+def _content(item) -> tuple:
+    """What makes two items the same question, whatever their ids (files number their lines apart)."""
+    if isinstance(item, MCQItem):
+        return (item.question, item.choices)
+    return (item.prompt,)
+
+
+def select_items(spec: TaskSpec, items: list, split: str, source: str, base_dir=None) -> list:
+    chosen = task_splits(spec, items, source, base_dir)[split]
     if not chosen:
         raise DataError(f"the '{split}' split of task '{spec.name}' is empty "
                         f"({len(items)} items; n_search={spec.n_search}, n_heldout={spec.n_heldout}, "
@@ -484,13 +513,15 @@ def prepare_task(spec: TaskSpec, tokenizer, *, split: str, device="cpu", batch_t
     if spec.kind in ("kmmlu", "mcq", "generation"):
         items = load_items(spec.kind, path=spec.path, dataset=spec.dataset, subjects=spec.subjects, split=spec.split,
                            base_dir=base_dir)
-        chosen = select_items(spec, items, split, _source(spec))
+        chosen = select_items(spec, items, split, _source(spec), base_dir)
+        own_file = {"heldout": spec.heldout_path, "selection": spec.selection_path}.get(split) is not None
+        whole = chosen if own_file else items  # the file the items come from, in its order (lm-eval's shots)
         if spec.kind == "generation":
             return GenerationTask(spec, chosen, tokenizer, device=device, batch_tokens=batch_tokens, base_dir=base_dir,
-                                  max_length=max_length, max_padding=max_padding, all_items=items)
+                                  max_length=max_length, max_padding=max_padding, all_items=whole)
         return MCQTask(spec, chosen, tokenizer, device=device, batch_tokens=batch_tokens, base_dir=base_dir,
                        max_length=max_length, share_prefix=share_prefix, max_padding=max_padding,
-                       all_items=items)
+                       all_items=whole)
     if spec.kind == "lm_eval":
         return LmEvalTask(spec, tokenizer, split=split, base_dir=base_dir)
     return CustomTask(spec, tokenizer, base_dir=base_dir)

@@ -13,7 +13,7 @@ from pathlib import Path
 from evomerge.errors import ConfigError, DataError, EvomergeError
 from evomerge.evaluate.data import PARSERS, load_items, resolve_path
 from evomerge.evaluate.spec import TaskSpec
-from evomerge.evaluate.splits import make_splits
+from evomerge.evaluate.tasks import task_splits
 from evomerge.yamlio import read_text
 
 
@@ -79,8 +79,14 @@ def _file_task(spec: TaskSpec, base_dir: Path) -> TaskInfo:
     if not p.is_dir():
         read_text(p, what="task file", error=DataError, key="path")
     items = load_items(spec.kind, path=spec.path, subjects=spec.subjects, split=spec.split, base_dir=base_dir)
-    parts = make_splits(items, seed=spec.seed, n_search=spec.n_search, n_heldout=spec.n_heldout,
-                        per_category=spec.per_category, source=str(p), n_selection=spec.n_selection)
+    for key in ("heldout_path", "selection_path"):
+        fixed = getattr(spec, key)
+        if fixed is not None:
+            fp = resolve_path(fixed, base_dir)
+            if not fp.exists():
+                raise DataError("split file not found", file=str(fp), key=key)
+            read_text(fp, what="split file", error=DataError, key=key)
+    parts = task_splits(spec, items, str(p), base_dir)
     _nonempty(spec, len(parts["search"]), len(parts["heldout"]), len(items))
     if spec.num_fewshot:
         _check_fewshot(spec, p, base_dir)
