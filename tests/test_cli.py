@@ -74,7 +74,8 @@ def _variant(proj: Path, name: str, **over) -> str:
 def test_a_valid_space(proj):
     res = evomerge("validate", "ok.yaml", cwd=proj)
     assert res.returncode == 0, res.stderr
-    assert "ok.yaml: ok" in res.stdout and "2 models" in res.stdout and "8 genes" in res.stdout
+    # granularity auto: 10 search items, a curve of 2 points x weight, density
+    assert "ok.yaml: ok" in res.stdout and "2 models" in res.stdout and "4 genes" in res.stdout
 
 
 # -- every file the tool reads: binary, not UTF-8, cut short, empty ---------------------------------

@@ -152,13 +152,15 @@ def run_on_tasks(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from evomerge.evaluate.evaluator import Evaluator
+    from evomerge.evaluate.tasks import context_length
 
     apply_threads(choose_threads(None))
     specs, base_dir = parse_task_args(args.tasks, n=args.n, chat=args.chat_template)
     split: Split = args.split or ("search" if args.n is not None else "all")
     device, dtype = args.device or "cpu", args.dtype or "float32"
     model, tok = load_model(args.model, dtype=dtype, device=device)
-    ev = Evaluator(specs, tok, split=split, device=device, batch_tokens=args.batch_tokens, base_dir=base_dir)
+    ev = Evaluator(specs, tok, split=split, device=device, batch_tokens=args.batch_tokens, base_dir=base_dir,
+                   max_length=context_length(model.config, tok))
     res = ev.evaluate(model)
     ids = ev.split_ids()
     table = Table(title=f"{args.model}  ({split} split, {res.seconds:.1f} s)")

@@ -41,8 +41,15 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
-def _max_length(model_max: int | None) -> int | None:
-    return model_max if model_max and model_max < 10**7 else None
+def context_length(config, tokenizer=None) -> int | None:
+    """The longest input a model takes, as lm-eval's HFLM finds it (its prompts are cut from the left to fit):
+    the config's n_positions / max_position_embeddings / n_ctx, else the tokenizer's model_max_length."""
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(config, attr, None)
+        if value:
+            return int(value)
+    model_max = getattr(tokenizer, "model_max_length", None)
+    return int(model_max) if model_max and model_max < 10**7 else None
 
 
 class PreparedTask:

@@ -14,6 +14,7 @@ import torch
 from evomerge.config import SearchConfig
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.evaluate.evaluator import Evaluator
+from evomerge.evaluate.tasks import context_length
 from evomerge.models.sources import WeightSource
 from evomerge.search.driver import CandidateFailed, Outcome
 from evomerge.spaces.base import GenomeSpace, Merger
@@ -44,7 +45,8 @@ class RunContext:
             try:
                 self.evaluators[split] = Evaluator(
                     self.config.tasks, self.tokenizer, split=split,  # type: ignore[arg-type]
-                    device=self.config.device, objectives=self.config.objectives, base_dir=self.base_dir)
+                    device=self.config.device, objectives=self.config.objectives, base_dir=self.base_dir,
+                    max_length=context_length(self.space.tokenizer_source().config, self.tokenizer))
             except EvomergeError as exc:
                 raise exc.located(self.source, "tasks") from None
         return self.evaluators[split]
