@@ -38,3 +38,32 @@ class GeneLayout:
     def genome(self, values: list[float]) -> np.ndarray:
         """Real-unit values (in layout order) back to the unit box."""
         return np.array([(v - lo) / (hi - lo) for v, lo, hi in zip(values, self.lows, self.highs)])
+
+
+@dataclass(frozen=True)
+class Gene:
+    """One evolved value: a parameter of one model (or shared), at one point along the layers, for one
+    component; `value` maps the unit-box coordinate to real units (snapped to `grid`), `gene` maps back."""
+
+    param: str
+    model: str | None  # None: a shared (global) parameter
+    group: int
+    component: str  # all | attn | mlp
+    low: float
+    high: float
+    grid: float | None
+
+    @property
+    def label(self) -> str:
+        who = self.model or "*"
+        return f"{self.param}/{who}/{self.component}"
+
+    def value(self, g: float) -> float:
+        v = self.low + float(np.clip(g, 0.0, 1.0)) * (self.high - self.low)
+        if self.grid:
+            v = round(round(v / self.grid) * self.grid, 10)
+            v = min(max(v, self.low), self.high)
+        return round(v, 6)
+
+    def gene(self, v: float) -> float:
+        return float(np.clip((v - self.low) / (self.high - self.low), 0.0, 1.0))

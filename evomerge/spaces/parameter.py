@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,37 +22,11 @@ from evomerge.merge.resident import ResidentMerger
 from evomerge.merge.session import MergeSession
 from evomerge.models.sources import WeightSource
 from evomerge.recipe import Conditional, EvomergeOptions, ModelEntry, Recipe, TokenRows, evaluate_setting
-from evomerge.spaces.genes import GeneLayout
+from evomerge.spaces.genes import Gene, GeneLayout
 from evomerge.spaces.points import MIN_POINTS, Points, auto_points, stated_search_items
 
 DEFAULT_GRIDS = {"density": 0.001}
 COMPONENT_FILTERS = {"attn": "self_attn", "mlp": "mlp"}
-
-
-@dataclass(frozen=True)
-class Gene:
-    param: str
-    model: str | None  # None: a shared (global) parameter
-    group: int
-    component: str  # all | attn | mlp
-    low: float
-    high: float
-    grid: float | None
-
-    @property
-    def label(self) -> str:
-        who = self.model or "*"
-        return f"{self.param}/{who}/{self.component}"
-
-    def value(self, g: float) -> float:
-        v = self.low + float(np.clip(g, 0.0, 1.0)) * (self.high - self.low)
-        if self.grid:
-            v = round(round(v / self.grid) * self.grid, 10)
-            v = min(max(v, self.low), self.high)
-        return round(v, 6)
-
-    def gene(self, v: float) -> float:
-        return float(np.clip((v - self.low) / (self.high - self.low), 0.0, 1.0))
 
 
 class ParameterSpace:
@@ -321,13 +294,14 @@ class ParameterSpace:
         return GeneLayout(tuple(names), tuple(g.low for g in self.genes), tuple(g.high for g in self.genes))
 
     def baseline_genomes(self) -> list[tuple[str, np.ndarray]]:
-        """The uniform hand-made merges of this space's method (one value for every layer and model) as
-        genomes, for a warm start. A setting is left out when it is no point of this space: a value outside
-        an evolved range, or different from a value the space fixes."""
+        """The warm start's points: the sources that are points of this space (`source_genomes`), then the
+        uniform hand-made merges of its method (one value for every layer and model). A setting is left out
+        when it is no point of this space: a value outside an evolved range, or different from a value the
+        space fixes."""
         from evomerge.spaces.baselines import uniform_baselines
 
-        out: list[tuple[str, np.ndarray]] = []
-        keys: set[str] = set()
+        out: list[tuple[str, np.ndarray]] = list(self.source_genomes())
+        keys: set[str] = {self.dedupe_key(g) for _, g in out}
         for label, recipes in uniform_baselines(self.config, self.refs).items():
             for recipe in recipes:
                 values = _uniform_values(recipe)
@@ -340,6 +314,31 @@ class ParameterSpace:
                 if key not in keys:
                     keys.add(key)
                     out.append((f"{label}: " + ", ".join(f"{k} {v:g}" for k, v in values.items()), genome))
+        return out
+
+    def source_genomes(self) -> list[tuple[str, np.ndarray]]:
+        """The parents themselves as points of the space, so a search starts no worse than the best of them:
+        the base (every weight 0) and each member alone (its weight 1, the others' 0), with every other evolved
+        parameter at its no-op value (density 1; members need a fixed density to be 1 too). None when the space
+        cannot hold them (a weight range without 0 or 1, a member whose weight is fixed, another evolved
+        parameter)."""
+        evolved = {g.param for g in self.genes}
+        if not self.dim or "weight" not in evolved or not evolved <= {"weight", "density"}:
+            return []
+        owners = {g.model for g in self.genes if g.param == "weight"}
+        if self.config.chat_vector or owners != set(self.members):
+            return []
+        density = self.parameters.get("density")
+        alone = not isinstance(density, (int, float)) or density == 1.0  # a fixed density < 1 trims the parent
+        points = [(f"source: {m}", {m}) for m in self.members] if alone else []
+        if self.spec.uses_base and self.config.base_model:
+            points.insert(0, (f"source: {self.config.base_model}", set()))
+        out = []
+        for label, ones in points:
+            values = [1.0 if g.param == "density" else float(g.model in ones) for g in self.genes]
+            if any(not g.low <= v <= g.high for g, v in zip(self.genes, values)):
+                return []
+            out.append((label, np.array([g.gene(v) for g, v in zip(self.genes, values)])))
         return out
 
     def _holds(self, values: dict[str, float]) -> bool:
