@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import platform
 import resource
@@ -54,30 +53,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 DATA = ROOT / "evomerge" / "data" / "tasks"
 
 import rehearsal_models as rm  # noqa: E402  (after the path set-up)
+from bench_merge import copy_bandwidth, sync  # noqa: E402
 
 
 def cuda_on(device: str) -> bool:
     return device.startswith("cuda") and torch.cuda.is_available()
-
-
-def sync(device: str) -> None:
-    if cuda_on(device):
-        torch.cuda.synchronize()
-
-
-def copy_bandwidth(device: str, nbytes: int) -> float:
-    """Bytes moved per second (read + write) by a large bfloat16 copy on the device, best of 5."""
-    src = torch.ones(nbytes // 2, dtype=torch.bfloat16, device=device)
-    dst = torch.empty_like(src)
-    best = math.inf
-    for _ in range(5):
-        sync(device)
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    del src, dst
-    return 2 * nbytes / best
 
 
 def release(device: str) -> None:
