@@ -78,8 +78,9 @@ class MergeSession:
         layout = self.layouts[model]
         name = tp.out_name
         if name not in layout.params:  # a tied model's head is its embedding table
-            name = next(n for n, info in layout.params.items()
-                        if info.kind is ParamKind.EMBED and not _POSITIONS.search(n))
+            embed = token_embedding(layout)
+            assert embed is not None  # checked when the session opened
+            name = embed
         return target_ids.to(self.device), self.fetch(model, name)[ids.to(self.device)]
 
     def iter_merged(self, *, progress: bool = False,
@@ -105,6 +106,12 @@ def is_token_table(tp: TensorPlan) -> bool:
     return tp.kind in (ParamKind.EMBED, ParamKind.LM_HEAD) and not _POSITIONS.search(tp.out_name)
 
 
+def token_embedding(layout: ModelLayout) -> str | None:
+    """The name of a model's token embedding table (not a position table), or None."""
+    return next((n for n, info in layout.params.items()
+                 if info.kind is ParamKind.EMBED and not _POSITIONS.search(n)), None)
+
+
 def _token_row_ids(recipe: Recipe, plan: MergePlan, sources: dict[str, WeightSource],
                    layouts: dict[str, ModelLayout]) -> tuple[str, torch.Tensor, torch.Tensor]:
     from evomerge.models.vocab import token_row_ids
@@ -117,8 +124,7 @@ def _token_row_ids(recipe: Recipe, plan: MergePlan, sources: dict[str, WeightSou
     target_rows = min((sources[plan.target].shape(tp.out_name)[0] for tp in tables
                        if tp.out_name in layouts[plan.target].params), default=0)
     model = spec.model
-    embed = next((n for n, info in layouts[model].params.items()
-                  if info.kind is ParamKind.EMBED and not _POSITIONS.search(n)), None)
+    embed = token_embedding(layouts[model])
     if embed is None:
         raise ConfigError(f"model '{model}' has no embedding table to take token rows from", key="evomerge.token_rows")
     t_ids, s_ids = token_row_ids(spec.tokens, sources[plan.target].tokenizer(), sources[model].tokenizer(),
