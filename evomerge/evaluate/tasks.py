@@ -74,7 +74,7 @@ def task_splits(spec: TaskSpec, items: list, source: str, base_dir=None) -> dict
         key = f"{split}_path"
         mine = {_content(it) for it in parts[split]}
         for other in ("search", "selection", "heldout"):
-            if other == split or (other != "search" and fixed[other] is None and not parts[other]):
+            if other == split or not parts[other]:
                 continue
             shared = [it for it in parts[other] if _content(it) in mine]
             if shared:

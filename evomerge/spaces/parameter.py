@@ -63,7 +63,7 @@ class ParameterSpace:
         known = {**self.spec.per_model_params, **self.spec.global_params}
         params: dict[str, ParamValue] = {}
         for name, value in self.config.parameters.items():
-            if value == EVOLVE and not isinstance(value, bool):
+            if value == EVOLVE:
                 pspec = known.get(name)
                 if pspec is not None and pspec.search is None:
                     raise ConfigError(f"{self.method}'s '{name}' has no default range", file=self.source,
