@@ -22,15 +22,9 @@ import torch
 
 from evomerge.merge import methods
 from evomerge.merge.fused import F32, FusedKernels, gta_eager
+from evomerge.merge.registry import GTA_METHODS
 from evomerge.merge.thresholds import GridThresholds, TrimSpec
 
-# method -> (sparsification, consensus), as evomerge.merge.registry registers them
-GTA_METHODS: dict[str, tuple[str | None, str | None]] = {
-    "task_arithmetic": (None, None), "ties": ("magnitude", "sum"), "dare_ties": ("random", "sum"),
-    "dare_linear": ("random", None), "breadcrumbs": ("magnitude_outliers", None),
-    "breadcrumbs_ties": ("magnitude_outliers", "sum"), "della": ("della_magprune", "sum"),
-    "della_linear": ("della_magprune", None),
-}
 EPS = 1e-7  # methods.rescaled_masked_tensor's default
 
 

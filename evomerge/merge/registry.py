@@ -69,8 +69,18 @@ def _gta_params(sparsification: Optional[str], normalize: bool, rescale: bool) -
     return tuple(params)
 
 
-def _gta(name: str, sparsification: Optional[str], consensus: Optional[str], normalize: bool,
-         rescale: bool, doc: str) -> MethodSpec:
+# the task-arithmetic family: method -> (sparsification, consensus) of mergekit's generalized_task_arithmetic
+GTA_METHODS: dict[str, tuple[str | None, str | None]] = {
+    "task_arithmetic": (None, None), "ties": ("magnitude", "sum"), "dare_ties": ("random", "sum"),
+    "dare_linear": ("random", None), "breadcrumbs": ("magnitude_outliers", None),
+    "breadcrumbs_ties": ("magnitude_outliers", "sum"), "della": ("della_magprune", "sum"),
+    "della_linear": ("della_magprune", None),
+}
+
+
+def _gta(name: str, normalize: bool, rescale: bool, doc: str) -> MethodSpec:
+    sparsification, consensus = GTA_METHODS[name]
+
     def run(base, tensors, p, generator):
         return methods.generalized_task_arithmetic(
             base, tensors, p["weight"], p["density"],
@@ -155,14 +165,14 @@ METHODS: dict[str, MethodSpec] = {
     for s in (
         MethodSpec("linear", "unused", (_weight(), _bool("normalize", True)), fn=_linear,
                    doc="weighted average of the models (float32 maths)"),
-        _gta("task_arithmetic", None, None, False, False, "base + sum of weighted task vectors"),
-        _gta("ties", "magnitude", "sum", True, False, "TIES: magnitude trim, sign election, disjoint mean"),
-        _gta("dare_ties", "random", "sum", False, True, "DARE drop and L1 rescale, TIES sign election"),
-        _gta("dare_linear", "random", None, False, True, "DARE drop and L1 rescale, plain sum"),
-        _gta("breadcrumbs", "magnitude_outliers", None, False, False, "drop outliers and small values"),
-        _gta("breadcrumbs_ties", "magnitude_outliers", "sum", False, False, "breadcrumbs + sign election"),
-        _gta("della", "della_magprune", "sum", True, True, "DELLA MagPrune + sign election"),
-        _gta("della_linear", "della_magprune", None, False, True, "DELLA MagPrune, plain sum"),
+        _gta("task_arithmetic", False, False, "base + sum of weighted task vectors"),
+        _gta("ties", True, False, "TIES: magnitude trim, sign election, disjoint mean"),
+        _gta("dare_ties", False, True, "DARE drop and L1 rescale, TIES sign election"),
+        _gta("dare_linear", False, True, "DARE drop and L1 rescale, plain sum"),
+        _gta("breadcrumbs", False, False, "drop outliers and small values"),
+        _gta("breadcrumbs_ties", False, False, "breadcrumbs + sign election"),
+        _gta("della", True, True, "DELLA MagPrune + sign election"),
+        _gta("della_linear", False, True, "DELLA MagPrune, plain sum"),
         MethodSpec("slerp", "required",
                    (ParamSpec("t", default=REQUIRED, low=0.0, high=1.0, search=(0.0, 1.0),
                               doc="interpolation from the base (0) to the other model (1)"),),

@@ -267,8 +267,7 @@ def test_tied_tiny_model_shapes_are_what_save_pretrained_writes(tmp_path):
 
 def test_the_plan_knows_every_method_of_the_registry():
     """Task-vector methods hold base + deltas, every other method holds the sources, as the resident merger does."""
-    from evomerge.merge.candidate import GTA_METHODS
-    from evomerge.merge.registry import METHODS
+    from evomerge.merge.registry import GTA_METHODS, METHODS
     from evomerge.models.memory import SOURCE_METHODS, TASK_VECTOR_METHODS
 
     assert set(TASK_VECTOR_METHODS) == set(GTA_METHODS)
